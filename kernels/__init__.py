@@ -1,0 +1,1 @@
+"""Compute kernels of titans-jax: each op has a plain reference, a chunked JAX form and (later) Pallas."""

@@ -1,0 +1,92 @@
+"""Pieces shared by every `memory_scan` implementation: the state pytree and the memory MLP.
+
+Shapes: weights are tuples `(W_1, ..., W_L)`, each `[..., in, out]` (leading axes are batch and
+heads, `[B, H]`, in the public API); token inputs are `[..., n, D]` on the same leading axes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Weights = tuple  # (W_1, ..., W_L), each [B, H, in, out]
+
+# The memory's matmuls are part of the exact recurrence (spec section 1: float32 state and
+# products); without this, TPUs and Ampere+ GPUs silently run float32 matmuls in bf16/tf32.
+PRECISION = jax.lax.Precision.HIGHEST
+
+LN_EPS = 1e-5
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+}
+
+
+class MemoryState(NamedTuple):
+    """Carried state of the neural memory (spec section 2).
+
+    weights, momentum, anchor: tuples of `[B, H, in, out]` float32 (float64 under x64) arrays.
+    offset: int32 `[]`, tokens consumed since the last chunk boundary (0 <= offset < chunk_size).
+    Invariant kept by every impl: `offset == 0` implies `anchor == weights`.
+    """
+
+    weights: Weights
+    momentum: Weights
+    anchor: Weights
+    offset: jax.Array
+
+    @classmethod
+    def create(cls, weights: Sequence[jax.Array], momentum: Sequence[jax.Array] | None = None):
+        weights = tuple(weights)
+        if momentum is None:
+            momentum = tuple(jnp.zeros_like(w) for w in weights)
+        # A numpy zero (not a jnp one) stays a concrete constant even when `create` runs under
+        # jit, which lets `chunked` skip the extra chunk it needs for an unknown offset.
+        return cls(weights, tuple(momentum), weights, np.zeros((), np.int32))
+
+
+def layer_norm(x: jax.Array) -> jax.Array:
+    """LayerNorm over the last axis without affine parameters (biased variance)."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + LN_EPS)
+
+
+def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.matmul(a, b, precision=PRECISION)
+
+
+def memory_apply(
+    weights: Weights,
+    x: jax.Array,
+    activation: str,
+    residual_norm: bool,
+    perturb: Sequence[jax.Array] | None = None,
+) -> tuple[jax.Array, list[jax.Array]]:
+    """M_W(x) for x `[..., n, D]` with weights `[..., in, out]`.
+
+    Returns the prediction and the inputs `a^(l)` of every layer (`[..., n, in_l]`). `perturb`
+    (optional, one array per layer shaped like that layer's pre-activation) is added to each
+    pre-activation: the gradient of a per-token loss with respect to it at zero is the
+    back-propagated error `delta^(l)` of that token.
+    """
+    act = ACTIVATIONS[activation]
+    inputs = []
+    h = x
+    for layer, w in enumerate(weights):
+        inputs.append(h)
+        z = matmul(h, w)
+        if perturb is not None:
+            z = z + perturb[layer]
+        h = act(z) if layer < len(weights) - 1 else z
+    out = x + layer_norm(h) if residual_norm else h
+    return out, inputs
+
+
+def associative_loss(pred: jax.Array, v: jax.Array) -> jax.Array:
+    """sum_d (M(k) - v)_d^2, summed over every leading axis too (tokens are independent)."""
+    return jnp.sum(jnp.square(pred - v))

@@ -1,0 +1,1 @@
+"""titans-jax models: the neural long-term memory layer and (later) the Titans language models."""
