@@ -1,0 +1,302 @@
+"""Throughput and peak memory of the memory layer (training = forward + backward, and inference).
+
+    python scripts/bench_memory.py                  # quick run (about a minute), prints a table
+    python scripts/bench_memory.py --full --write   # the whole grid, written to BENCHMARKS.md
+    python scripts/bench_memory.py --full --peer-python $PEER_VENV/bin/python --write
+                                                    # + titans-pytorch back to back, with ratios
+
+Shapes mirror ../shared/peers/titans_pytorch_bench.py: batch 1, width 256, chunk 64, memory depth 2,
+expansion 4, heads 4x64 and 1x256; training loss = MSE of the layer output against a fixed random
+target, gradients w.r.t. all parameters and the input. Every case runs in its own process, so the
+peak RSS is that case's. FLOPs are counted analytically (`layer_flops_per_token`); training counts
+3x the forward (the usual model-FLOPs convention: the remat recompute is not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER_SCRIPT = ROOT.parent / "shared" / "peers" / "titans_pytorch_bench.py"
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+SECTION = "bench_memory"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    heads: tuple[str, ...] = ("4x64",)  # "<heads>x<head_dim>"
+    seq_lens: tuple[int, ...] = (1024, 4096)
+    impls: tuple[str, ...] = ("chunked", "reference")
+    modes: tuple[str, ...] = ("train", "infer")
+    d_model: int = 256
+    chunk_size: int = 64
+    depth: int = 2
+    expansion: int = 4
+    reference_train_max: int = 1024  # backprop through a token loop keeps ~2 state copies per token
+    iters: int = 5
+    budget_s: float = 20.0
+    peer_python: str | None = None
+    write: bool = False
+
+    def __post_init__(self):
+        for h in self.heads:
+            n, _, d = h.partition("x")
+            if not (n.isdigit() and d.isdigit()) or int(n) * int(d) != self.d_model:
+                raise ValueError(f"--heads entry {h!r} must be <heads>x<head_dim> with heads*head_dim = {self.d_model}")
+        for name, allowed in (("impls", ("chunked", "reference")), ("modes", ("train", "infer"))):
+            bad = set(getattr(self, name)) - set(allowed)
+            if bad:
+                raise ValueError(f"--{name} has unknown entries {sorted(bad)}; choose from {allowed}")
+        if any(n < 1 for n in self.seq_lens):
+            raise ValueError("--seq-lens must be positive")
+
+    def cases(self) -> list[dict]:
+        out = []
+        for heads in self.heads:
+            for impl in self.impls:
+                for mode in self.modes:
+                    for seq in self.seq_lens:
+                        if impl == "reference" and mode == "train" and seq > self.reference_train_max:
+                            continue
+                        out.append(dict(heads=heads, impl=impl, mode=mode, seq=seq))
+        return out
+
+
+def layer_flops_per_token(d_model: int, heads: int, head_dim: int, hidden: int, depth: int, chunk: int) -> float:
+    """Forward FLOPs per token of the memory layer in the chunk form (2 per multiply-add).
+
+    Per chunk and head, with layer widths (n_in, n_out): keys forward (b n_in n_out) and backward
+    (b n_in n_out for layers > 1), queries against W and S (2 b n_in n_out), the intra-chunk scores
+    and their product with the errors (b^2 n_in + b^2 n_out), the chunk-end W and S (2 b n_in n_out),
+    plus G = Dc H (b^3). Projections: q, k, v, output gate and output (5 d_model H D).
+    """
+    b = chunk
+    dims = [head_dim] + [hidden] * (depth - 1) + [head_dim] if depth > 1 else [head_dim, head_dim]
+    per_chunk = b**3
+    for layer, (n_in, n_out) in enumerate(zip(dims[:-1], dims[1:])):
+        mats = 5 + (1 if layer > 0 else 0)
+        per_chunk += mats * b * n_in * n_out + b * b * (n_in + n_out)
+    return 2.0 * (heads * per_chunk / b + 5 * d_model * heads * head_dim)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 n x n matmul rate, the yardstick for achieved GFLOP/s."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = min(_timed(lambda: f(x).block_until_ready()) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run_case(case: dict, cfg: BenchConfig) -> dict:
+    """One case, in this (child) process."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from titans.memory_layer import MemoryLayer, MemoryLayerConfig
+
+    heads, head_dim = map(int, case["heads"].split("x"))
+    layer_cfg = MemoryLayerConfig(
+        d_model=cfg.d_model, num_heads=heads, head_dim=head_dim, depth=cfg.depth, expansion=cfg.expansion,
+        chunk_size=cfg.chunk_size, impl=case["impl"],
+    )
+    graph, params = nnx.split(MemoryLayer(layer_cfg, rngs=nnx.Rngs(0)))
+    kx, kt = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (1, case["seq"], cfg.d_model), jnp.float32)
+    target = jax.random.normal(kt, x.shape, jnp.float32)
+
+    def forward(params, x):
+        return nnx.merge(graph, params)(x)[0]
+
+    if case["mode"] == "train":
+        loss = lambda p, x: jnp.mean(jnp.square(forward(p, x) - target))
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    else:
+        step = jax.jit(forward)
+    compiled = step.lower(params, x).compile()
+    mem = compiled.memory_analysis()
+    run = lambda: jax.block_until_ready(compiled(params, x))
+
+    first = _timed(run)
+    times = []
+    while len(times) < cfg.iters and sum(times) < cfg.budget_s:
+        times.append(_timed(run))
+    median = statistics.median(times)
+    flops = layer_flops_per_token(cfg.d_model, heads, head_dim, cfg.expansion * head_dim, cfg.depth, cfg.chunk_size)
+    flops *= 3 if case["mode"] == "train" else 1
+    return dict(
+        case,
+        status="ok",
+        first_call_s=round(first, 3),
+        n_timed=len(times),
+        median_s=round(median, 4),
+        tokens_per_s=round(case["seq"] / median, 1),
+        gflops=round(flops * case["seq"] / median / 1e9, 1),
+        xla_temp_mb=round(mem.temp_size_in_bytes / 2**20, 1) if mem is not None else None,
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    )
+
+
+def run_in_child(case: dict, cfg: BenchConfig) -> dict:
+    cmd = [sys.executable, __file__, "--child", json.dumps(case), "--child-config", json.dumps(dataclasses.asdict(cfg))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return dict(case, status=f"failed: {tail[0][:200]}")
+
+
+def run_peer(cfg: BenchConfig) -> list[dict]:
+    """titans-pytorch on the same shapes, right after ours (compare ratios of back-to-back runs)."""
+    kinds = ",".join(f"mem_{m}" for m in cfg.modes)
+    heads = ",".join(h.split("x")[0] for h in cfg.heads)
+    lens = ",".join(map(str, cfg.seq_lens))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "peer.jsonl"
+        cmd = [cfg.peer_python, str(PEER_SCRIPT), "--kinds", kinds, "--heads", heads, "--seq-lens", lens, "--jsonl", str(out)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+
+
+def _peer_key(row: dict) -> tuple:
+    return (row["kind"].removeprefix("mem_"), int(row["heads"]), int(row["seq_len"]))
+
+
+def table(rows: list[dict], peer: list[dict], matmul: float) -> str:
+    peer_by_key = {_peer_key(p): p for p in peer if p.get("status") == "ok"}
+    head = "| impl | mode | heads x d_h | seq | tokens/s | GFLOP/s (% of matmul) | XLA temp MB | peak RSS MB |"
+    sep = "|---|---|---|---|---|---|---|---|"
+    if peer_by_key:
+        head += " peer tokens/s | ours / peer |"
+        sep += "---|---|"
+    lines = [head, sep]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['impl']} | {r['mode']} | {r['heads']} | {r['seq']} | {r['status']} |")
+            continue
+        pct = 100 * r["gflops"] / matmul
+        line = (
+            f"| {r['impl']} | {r['mode']} | {r['heads']} | {r['seq']} | {r['tokens_per_s']:.0f} | "
+            f"{r['gflops']:.1f} ({pct:.0f}%) | {r['xla_temp_mb']} | {r['peak_rss_mb']:.0f} |"
+        )
+        if peer_by_key:
+            p = peer_by_key.get((r["mode"], int(r["heads"].split("x")[0]), r["seq"]))
+            line += f" {p['tokens_per_s']:.0f} | {r['tokens_per_s'] / p['tokens_per_s']:.2f}x |" if p and r["impl"] == "chunked" else " | |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    """Replace this script's section of BENCHMARKS.md atomically (temp file + rename)."""
+    start, end = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
+    old = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    block = f"{start}\n{text}\n{end}"
+    if start in old and end in old:
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    with tempfile.NamedTemporaryFile("w", dir=BENCHMARKS.parent, delete=False, suffix=".tmp") as f:
+        f.write(new)
+    os.replace(f.name, BENCHMARKS)
+
+
+def main(cfg: BenchConfig) -> list[dict]:
+    import jax
+
+    matmul = matmul_gflops()
+    rows = []
+    try:
+        from tqdm import tqdm
+
+        progress = tqdm(cfg.cases(), desc="bench_memory", unit="case")
+    except ImportError:  # progress bar is cosmetic
+        progress = cfg.cases()
+    for case in progress:
+        rows.append(run_in_child(case, cfg))
+    peer = run_peer(cfg) if cfg.peer_python else []
+    argv = " ".join(sys.argv[1:])
+    header = (
+        f"Command: `python scripts/bench_memory.py {argv}`  \n"
+        f"Date: {datetime.date.today()}; jax {jax.__version__}; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs ({_cpu_name()}); float32 2048^2 matmul: {matmul:.0f} GFLOP/s  \n"
+        f"Memory layer: d_model {cfg.d_model}, chunk {cfg.chunk_size}, depth {cfg.depth}, expansion "
+        f"{cfg.expansion}, batch 1. XLA temp = compiled working memory; peak RSS = the case's process."
+    )
+    if peer:
+        header += f"  \nPeer: titans-pytorch {peer[0].get('titans_pytorch')}, torch {peer[0].get('torch')}, run right after."
+    text = header + "\n\n" + table(rows, peer, matmul)
+    print(text)
+    if cfg.write:
+        write_section(text)
+        print(f"wrote {BENCHMARKS}")
+    return rows
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--full", action="store_true", help="heads 4x64 and 1x256 at 1K, 4K and 16K tokens")
+    p.add_argument("--heads", help="comma-separated <heads>x<head_dim>, e.g. 4x64,1x256")
+    p.add_argument("--seq-lens", help="comma-separated token counts, e.g. 1024,4096")
+    p.add_argument("--impls", help="comma-separated: chunked,reference")
+    p.add_argument("--modes", help="comma-separated: train,infer")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--peer-python", help="python of a venv with titans-pytorch 0.5.5 (see ../shared/peers)")
+    p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child-config", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    kw = {}
+    if args.full:
+        kw.update(heads=("4x64", "1x256"), seq_lens=(1024, 4096, 16384))
+    for name in ("heads", "impls", "modes"):
+        if getattr(args, name):
+            kw[name] = tuple(getattr(args, name).split(","))
+    if args.seq_lens:
+        kw["seq_lens"] = tuple(int(s) for s in args.seq_lens.split(","))
+    return BenchConfig(iters=args.iters, peer_python=args.peer_python, write=args.write, **kw), args
+
+
+if __name__ == "__main__":
+    try:
+        config, raw = parse_args()
+    except ValueError as e:
+        sys.exit(f"bench_memory: {e}")
+    if raw.child:
+        child_cfg = json.loads(raw.child_config)
+        child_cfg = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in child_cfg.items()})
+        print("RESULT " + json.dumps(run_case(json.loads(raw.child), child_cfg)))
+    else:
+        main(config)

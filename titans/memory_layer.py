@@ -1,0 +1,324 @@
+"""The Titans memory layer around `memory_scan` (spec section 3).
+
+From the block input `x [batch, seq, d_model]`:
+    q, k, v = SiLU(causal_conv(x @ W_{q,k,v}))  split into heads  [batch, seq, heads, dim]
+    q, k    = l2-normalised per head
+    theta   = max_lr * sigmoid(x @ w_theta + b_theta)   [batch, seq, heads] or [..., heads, depth]
+    eta     = sigmoid(x @ w_eta + b_eta)                [batch, seq, heads]
+    alpha   = sigmoid(x @ w_alpha + b_alpha)            [batch, seq, heads]
+    y, M    = memory_scan(M, q, k, v, theta, eta, alpha)
+    o       = (RMSNorm(y) * sigmoid(x @ W_g)) @ W_o     [batch, seq, d_model]
+
+The layer is stateful across calls through `MemoryLayerState` (memory weights/momentum/anchor and
+the last `conv_kernel - 1` pre-conv inputs of q, k, v), so calling it on consecutive pieces with the
+carried state equals one call on the whole sequence (spec invariant 4).
+
+Sharding: every parameter carries logical axis names in its `out_sharding` metadata ("embed" for
+d_model, "heads" for the memory-head axis or a head-major `heads * dim` axis, None otherwise).
+Placement is not eager, so the layer builds without a mesh; to shard it, create it under `nnx.jit`
+with out_shardings from `nnx.get_partition_spec` mapped through logical axis rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels.memory import IMPLS, MemoryState, memory_scan
+from kernels.memory.common import ACTIVATIONS
+
+MAX_DEPTH = 4
+NORM_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryLayerConfig:
+    """Hyper-parameters of one memory layer.
+
+    The memory MLP of each head maps `head_dim -> E -> ... -> head_dim` with
+    `E = expansion * head_dim` (depth 1 is a single `[head_dim, head_dim]` matrix).
+    `residual_norm=None` picks the spec default: residual + LayerNorm for depth >= 2, plain for 1.
+    `theta_init`, `eta_init`, `alpha_init` are the gate values at initialisation (for a zero input);
+    `sow_gate_means=True` sows the mean theta/eta/alpha of each call as `nnx.Intermediate`
+    "gate_means" (collect them with `nnx.capture(model, nnx.Intermediate)`) for training logs.
+    `dtype` is the compute dtype of the projections, `param_dtype` that of the parameters and of the
+    memory state (float32, or float64 for x64 gradient checks).
+    """
+
+    d_model: int
+    num_heads: int
+    head_dim: int
+    depth: int = 2
+    expansion: int = 4
+    activation: str = "gelu"
+    residual_norm: bool | None = None
+    chunk_size: int = 16
+    max_lr: float = 0.1
+    per_layer_lr: bool = True
+    theta_init: float = 0.01
+    eta_init: float = 0.9
+    alpha_init: float = 0.02
+    conv_kernel: int = 4
+    read_before_write: bool = False
+    impl: str = "auto"
+    sow_gate_means: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        for name in ("d_model", "num_heads", "head_dim", "expansion", "chunk_size", "conv_kernel"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MemoryLayerConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or not 1 <= self.depth <= MAX_DEPTH:
+            raise ValueError(f"MemoryLayerConfig.depth must be an int in 1..{MAX_DEPTH}, got {self.depth!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"MemoryLayerConfig.activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}"
+            )
+        if self.residual_norm is not None and not isinstance(self.residual_norm, bool):
+            raise ValueError(
+                f"MemoryLayerConfig.residual_norm must be None (depth default) or a bool, got {self.residual_norm!r}"
+            )
+        for name in ("per_layer_lr", "read_before_write", "sow_gate_means"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MemoryLayerConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if not self.max_lr > 0:
+            raise ValueError(f"MemoryLayerConfig.max_lr must be > 0, got {self.max_lr!r}")
+        if not 0 < self.theta_init < self.max_lr:
+            raise ValueError(
+                f"MemoryLayerConfig.theta_init must lie strictly between 0 and max_lr={self.max_lr}, "
+                f"got {self.theta_init!r}"
+            )
+        for name in ("eta_init", "alpha_init"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(
+                    f"MemoryLayerConfig.{name} must lie strictly between 0 and 1, got {getattr(self, name)!r}"
+                )
+        if self.impl not in IMPLS:
+            raise ValueError(f"MemoryLayerConfig.impl must be one of {IMPLS}, got {self.impl!r}")
+        dtype = _as_dtype(self.dtype)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"MemoryLayerConfig.dtype must be a floating dtype such as jnp.bfloat16, got {self.dtype!r}"
+            )
+        if _as_dtype(self.param_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+            raise ValueError(
+                f"MemoryLayerConfig.param_dtype must be float32 (float64 only for x64 checks), got {self.param_dtype!r}"
+            )
+
+    @property
+    def accum_dtype(self) -> jnp.dtype:
+        """Dtype of the elementwise work (conv taps, norms): float32, or float64 when computing in it."""
+        return jnp.promote_types(self.dtype, jnp.float32)
+
+    @property
+    def use_residual_norm(self) -> bool:
+        return self.depth >= 2 if self.residual_norm is None else self.residual_norm
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.expansion * self.head_dim
+
+    def memory_shapes(self) -> tuple[tuple[int, int], ...]:
+        """`(in, out)` of each memory matrix W_1..W_L (one head)."""
+        d, e = self.head_dim, self.hidden_dim
+        if self.depth == 1:
+            return ((d, d),)
+        return ((d, e),) + ((e, e),) * (self.depth - 2) + ((e, d),)
+
+
+class MemoryLayerState(NamedTuple):
+    """What a caller carries between calls.
+
+    memory: the `MemoryState` of the scan (weights/momentum/anchor `[batch, heads, in, out]`).
+    conv: the last `conv_kernel - 1` pre-conv inputs of q, k, v, each `[batch, conv_kernel-1, heads*dim]`
+    in the compute dtype (the projections' output dtype, so carrying them is exact).
+    """
+
+    memory: MemoryState
+    conv: tuple[jax.Array, jax.Array, jax.Array]
+
+
+def _as_dtype(value) -> jnp.dtype | None:
+    try:
+        return jnp.dtype(value)
+    except TypeError:
+        return None
+
+
+def _sharded(init, *names):
+    # Eager placement would need a mesh at construction; the names are for FSDP/TP mapping later.
+    return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    # eps inside the rsqrt keeps the value and gradient finite for an all-zero head (SiLU can give one).
+    return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + NORM_EPS)
+
+
+class MemoryLayer(nnx.Module):
+    """Titans neural-memory mixer (spec section 3): `o, state = layer(x, state)`."""
+
+    def __init__(self, config: MemoryLayerConfig, *, rngs: nnx.Rngs):
+        self.config = cfg = config
+        hd = cfg.num_heads * cfg.head_dim
+        linear = lambda n_in, n_out, names: nnx.Linear(
+            n_in, n_out, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            kernel_init=_sharded(nnx.initializers.lecun_normal(), *names), rngs=rngs,
+        )
+        self.q_proj = linear(cfg.d_model, hd, ("embed", "heads"))
+        self.k_proj = linear(cfg.d_model, hd, ("embed", "heads"))
+        self.v_proj = linear(cfg.d_model, hd, ("embed", "heads"))
+
+        # Depthwise causal conv weights [kernel, heads*dim]; row -1 multiplies the current token.
+        # PyTorch's Conv1d default (uniform +-1/sqrt(fan_in), fan_in = kernel for depthwise), as in
+        # Gated DeltaNet's short convolution.
+        bound = 1.0 / math.sqrt(cfg.conv_kernel)
+        conv_init = _sharded(
+            lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound), None, "heads"
+        )
+        self.q_conv, self.k_conv, self.v_conv = (
+            nnx.Param(conv_init(rngs.params(), (cfg.conv_kernel, hd), cfg.param_dtype)) for _ in range(3)
+        )
+
+        # Gate weights at a tenth of the fan-in std: the gates depend on the token from step 0, but
+        # for a unit-RMS input the logits spread by only ~0.1 around the biases, so every token
+        # starts in the well-conditioned regime of spec section 2.
+        gate_init = nnx.initializers.variance_scaling(0.01, "fan_in", "normal", in_axis=0, out_axis=-1)
+        theta_axes = (cfg.num_heads, cfg.depth) if cfg.per_layer_lr else (cfg.num_heads,)
+        theta_names = ("heads", None) if cfg.per_layer_lr else ("heads",)
+
+        def gate(axes, names, init_value):
+            w = _sharded(gate_init, "embed", *names)(rngs.params(), (cfg.d_model,) + axes, cfg.param_dtype)
+            b = _sharded(nnx.initializers.constant(_logit(init_value)), *names)(
+                rngs.params(), axes, cfg.param_dtype
+            )
+            return nnx.Param(w), nnx.Param(b)
+
+        # theta0 = theta_init (0.01 by default): with eta0 = 0.9 the momentum's steady-state step is
+        # theta/(1-eta) = 0.1, inside the stable regime; alpha0 = 0.02 forgets slowly (e-fold ~50
+        # tokens) yet keeps the weights bounded while the outer loop learns where to forget.
+        self.w_theta, self.b_theta = gate(theta_axes, theta_names, cfg.theta_init / cfg.max_lr)
+        self.w_eta, self.b_eta = gate((cfg.num_heads,), ("heads",), cfg.eta_init)
+        self.w_alpha, self.b_alpha = gate((cfg.num_heads,), ("heads",), cfg.alpha_init)
+
+        # W^0 per head [heads, in, out]; fan-in scale treating heads as a batch axis.
+        mem_init = _sharded(
+            nnx.initializers.variance_scaling(
+                1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
+            ),
+            "heads", None, None,
+        )
+        self.init_weights = nnx.List(
+            nnx.Param(mem_init(rngs.params(), (cfg.num_heads, n_in, n_out), cfg.param_dtype))
+            for n_in, n_out in cfg.memory_shapes()
+        )
+
+        # Per-head RMSNorm (gain [heads, dim]): each head is a separate retrieval whose scale depends
+        # on its own memory and gates (a plain linear memory has no LN inside), so normalising heads
+        # separately keeps one loud head from drowning the others, as in Gated DeltaNet's per-head
+        # output norm; it also needs no reduction across a heads-sharded (TP) axis.
+        norm_init = _sharded(nnx.initializers.ones, "heads", None)
+        self.norm_scale = nnx.Param(norm_init(rngs.params(), (cfg.num_heads, cfg.head_dim), cfg.param_dtype))
+        self.gate_proj = linear(cfg.d_model, hd, ("embed", "heads"))
+        self.out_proj = linear(hd, cfg.d_model, ("heads", "embed"))
+
+    def init_state(self, batch_size: int) -> MemoryLayerState:
+        """Learned W^0 broadcast over the batch, zero momentum, zero conv tails, offset 0."""
+        weights = tuple(jnp.broadcast_to(w[...], (batch_size,) + w.shape) for w in self.init_weights)
+        return MemoryLayerState(MemoryState.create(weights), self._zero_tails(batch_size))
+
+    def _zero_tails(self, batch_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        cfg = self.config
+        tail = jnp.zeros((batch_size, cfg.conv_kernel - 1, cfg.num_heads * cfg.head_dim), cfg.dtype)
+        return tail, tail, tail
+
+    def _conv(self, u: jax.Array, tail: jax.Array, weight: nnx.Param) -> tuple[jax.Array, jax.Array]:
+        """Causal depthwise conv of u `[batch, seq, heads*dim]` after `tail`; returns (out, new tail)."""
+        kernel = self.config.conv_kernel
+        seq = u.shape[1]
+        full = jnp.concatenate([tail.astype(u.dtype), u], axis=1)
+        acc = self.config.accum_dtype
+        w = weight[...].astype(acc)
+        # Taps accumulate in float32; the carried inputs stay in the compute dtype.
+        out = sum(full[:, i : i + seq].astype(acc) * w[i] for i in range(kernel))
+        return out, full[:, full.shape[1] - (kernel - 1) :]
+
+    def project(self, x: jax.Array, conv=None):
+        """q, k, v `[batch, seq, heads, dim]` (compute dtype; q, k unit-norm) and the new conv tails.
+
+        x: `[batch, seq, d_model]`; conv: the carried tails (zeros when None, i.e. sequence start).
+        """
+        cfg = self.config
+        x = x.astype(cfg.dtype)
+        if conv is None:
+            conv = self._zero_tails(x.shape[0])
+        heads = (x.shape[0], x.shape[1], cfg.num_heads, cfg.head_dim)
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        outs, tails = [], []
+        for proj, weight, tail in zip(projs, (self.q_conv, self.k_conv, self.v_conv), conv):
+            out, new_tail = self._conv(proj(x), tail, weight)
+            outs.append(jax.nn.silu(out).reshape(heads))
+            tails.append(new_tail)
+        q, k, v = outs
+        q, k = _l2_normalize(q), _l2_normalize(k)
+        return q.astype(cfg.dtype), k.astype(cfg.dtype), v.astype(cfg.dtype), tuple(tails)
+
+    def gates(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """theta `[batch, seq, heads]` (`[..., heads, depth]` with per_layer_lr); eta, alpha `[batch, seq, heads]`.
+
+        Computed in the parameter dtype (float32) at full matmul precision whatever the compute
+        dtype: they enter the float32 recurrence, and decay products over a chunk amplify rounding
+        in `1 - alpha` and `eta`.
+        """
+        cfg = self.config
+        x = x.astype(cfg.param_dtype)
+        highest = jax.lax.Precision.HIGHEST
+        logit = lambda w, b: jnp.einsum("btm,m...->bt...", x, w[...], precision=highest) + b[...]
+        theta = cfg.max_lr * jax.nn.sigmoid(logit(self.w_theta, self.b_theta))
+        eta = jax.nn.sigmoid(logit(self.w_eta, self.b_eta))
+        alpha = jax.nn.sigmoid(logit(self.w_alpha, self.b_alpha))
+        return theta, eta, alpha
+
+    def scan(self, x: jax.Array, state: MemoryLayerState | None = None) -> tuple[jax.Array, MemoryLayerState]:
+        """The memory's retrieval `y [batch, seq, heads, dim]` (compute dtype) before the output norm and gate.
+
+        x: `[batch, seq, d_model]`. Variants that gate differently (MAG) use this directly.
+        """
+        cfg = self.config
+        if state is None:
+            state = self.init_state(x.shape[0])
+        q, k, v, conv = self.project(x, state.conv)
+        theta, eta, alpha = self.gates(x)
+        if cfg.sow_gate_means:
+            self.sow(nnx.Intermediate, "gate_means", {"theta": theta.mean(), "eta": eta.mean(), "alpha": alpha.mean()})
+        y, memory = memory_scan(
+            state.memory, q, k, v, theta, eta, alpha,
+            chunk_size=cfg.chunk_size, activation=cfg.activation, residual_norm=cfg.use_residual_norm,
+            read_before_write=cfg.read_before_write, impl=cfg.impl,
+        )
+        return y, MemoryLayerState(memory, conv)
+
+    def __call__(self, x: jax.Array, state: MemoryLayerState | None = None) -> tuple[jax.Array, MemoryLayerState]:
+        """x `[batch, seq, d_model]` -> (o `[batch, seq, d_model]` in the compute dtype, new state).
+
+        `state=None` starts from `init_state(batch)`. Calls on consecutive pieces with the carried
+        state equal one call on their concatenation.
+        """
+        cfg = self.config
+        y, state = self.scan(x, state)
+        y = y.astype(cfg.accum_dtype)
+        y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + NORM_EPS)
+        y = (y * self.norm_scale[...].astype(cfg.accum_dtype)).astype(cfg.dtype)
+        y = y.reshape(y.shape[:2] + (-1,)) * jax.nn.sigmoid(self.gate_proj(x.astype(cfg.dtype)))
+        return self.out_proj(y), state
