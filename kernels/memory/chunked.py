@@ -13,6 +13,7 @@ concrete offset is used as a Python int.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -50,21 +51,25 @@ def _shift_rows(x: jax.Array, fill: float, axis: int) -> jax.Array:
     return jnp.moveaxis(x, -1, axis)
 
 
-def _chunk_step(carry, xs, *, activation, residual_norm, read_before_write):
-    """One chunk. carry: (weights, momentum, anchor), each a tuple of [B, H, in, out].
+def _swap(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
 
-    xs: q, k, v [B, H, b, D]; theta [B, H, b, L]; eta, alpha [B, H, b]; valid [B, 1, b] bool;
-    completes [] bool (this chunk ends inside the call, so the next chunk re-anchors).
+
+def _derivative(fn):
+    """Elementwise derivative of an elementwise function."""
+    return lambda z: jax.jvp(fn, (z,), (jnp.ones_like(z),))[1]
+
+
+def _coefficients(eta, alpha, valid, read_before_write):
+    """The chunk's decay/momentum coefficients (spec appendix A).
+
+    eta, alpha [B, H, b]; valid [B, 1, b]. Returns the readout rows (Dc[t,t0], c_t, G[t,j], shifted
+    down one row with read_before_write) and the chunk-end ones (Dc[b,t0], c_b, H[b,t0] [B, H];
+    G[b,j], H[b,j] [B, H, b]). Invalid positions (padding, write mask) get eta = 1, alpha = 0 and no
+    S-carry term, so they pass the state through unchanged.
     """
-    weights, momentum, anchor = carry
-    q, k, v, theta, eta, alpha, valid, completes = xs
-    act = ACTIVATIONS[activation]
-
-    # Invalid positions (padding, write mask) pass the state through unchanged.
     eta = jnp.where(valid, eta, 1.0)
     keep = jnp.where(valid, 1.0 - alpha, 1.0)
-    theta = jnp.where(valid[..., None], theta, 0.0)
-
     mom = decay_products(eta)  # H of the spec, [B, H, b+1, b+1]
     dec = decay_products(keep)  # Dc of the spec
     h0 = mom[..., 1:, 0]  # H[t, t0], [B, H, b]
@@ -72,38 +77,180 @@ def _chunk_step(carry, xs, *, activation, residual_norm, read_before_write):
     dec_valid = dec[..., 1:, 1:] * valid[..., None, :].astype(dec.dtype)  # Dc[t, s], masked s dropped
     gamma = matmul(dec_valid, mom[..., 1:, 1:])  # G[t, j], [B, H, b, b]
     c = matmul(dec_valid, h0[..., None])[..., 0]  # c_t, [B, H, b]
+    if read_before_write:
+        rows = (_shift_rows(d0, 1.0, -1), _shift_rows(c, 0.0, -1), _shift_rows(gamma, 0.0, -2))
+    else:
+        rows = (d0, c, gamma)
+    return rows, (d0[..., -1], c[..., -1], h0[..., -1], gamma[..., -1, :], mom[..., -1, 1:])
+
+
+def _key_error(out, k, v, residual_norm):
+    """d loss / d out for the memory's last pre-activation `out` [B, H, b, D] (the error delta^(L))."""
+    pred = lambda o: k + layer_norm(o) if residual_norm else o
+    return jax.grad(lambda o: associative_loss(pred(o), v))(out)
+
+
+def _readout(z, q, residual_norm):
+    return q + layer_norm(z) if residual_norm else z
+
+
+def _chunk_forward(carry, xs, config):
+    """One chunk. carry: (weights, momentum, anchor), each a tuple of [B, H, in, out].
+
+    xs: q, k, v [B, H, b, D]; theta [B, H, b, L]; eta, alpha [B, H, b]; valid [B, 1, b] bool;
+    completes [] bool (this chunk ends inside the call, so the next chunk re-anchors).
+    Returns ((new carry), y [B, H, b, D]) and the residuals of `_chunk_backward`.
+    """
+    activation, residual_norm, read_before_write = config
+    act, act_grad = ACTIVATIONS[activation], _derivative(ACTIVATIONS[activation])
+    weights, momentum, anchor = carry
+    q, k, v, theta, eta, alpha, valid, completes = xs
+    depth = len(weights)
+    theta = jnp.where(valid[..., None], theta, 0.0)
+    (rd0, rc, rgamma), (d0_end, c_end, h0_end, gamma_end, mom_end) = _coefficients(eta, alpha, valid, read_before_write)
 
     # One forward + backward of the memory on the keys at the anchor: the layer inputs a^(l) and
     # errors delta^(l) whose outer products are the per-token gradients g_j^(l).
-    def key_loss(perturb):
-        pred, inputs = memory_apply(anchor, k, activation, residual_norm, perturb)
-        return associative_loss(pred, v), inputs
+    a, z = [], []
+    h = k
+    for layer in range(depth):
+        a.append(h)
+        z.append(matmul(h, anchor[layer]))
+        h = act(z[-1]) if layer < depth - 1 else h
+    delta = [None] * depth
+    s = [None] * (depth - 1)  # delta^(l+1) W^(l+1)T, before the activation's derivative
+    delta[-1] = _key_error(z[-1], k, v, residual_norm)
+    for layer in reversed(range(depth - 1)):
+        s[layer] = matmul(delta[layer + 1], _swap(anchor[layer + 1]))
+        delta[layer] = s[layer] * act_grad(z[layer])
 
-    zeros = [jnp.zeros(k.shape[:-1] + (w.shape[-1],), k.dtype) for w in anchor]
-    deltas, key_inputs = jax.grad(key_loss, has_aux=True)(zeros)
-
-    if read_before_write:
-        rd0, rc, rgamma = _shift_rows(d0, 1.0, -1), _shift_rows(c, 0.0, -1), _shift_rows(gamma, 0.0, -2)
-    else:
-        rd0, rc, rgamma = d0, c, gamma
-
-    u = q
+    u, uw, us, p, zeta = [], [], [], [], []
     new_weights, new_momentum = [], []
-    for layer, (w, s, a, delta) in enumerate(zip(weights, momentum, key_inputs, deltas)):
+    h = q
+    for layer, (w, m) in enumerate(zip(weights, momentum)):
         th = theta[..., layer]  # [B, H, b]
-        a_t = jnp.swapaxes(a, -1, -2)  # [B, H, in, b]
-        scores = matmul(u, a_t) * rgamma * th[..., None, :]  # [B, H, b(t), b(j)]
-        z = rd0[..., None] * matmul(u, w) + rc[..., None] * matmul(u, s) - matmul(scores, delta)
-        u = act(z) if layer < len(weights) - 1 else z
-        g_end = (gamma[..., -1, :] * th)[..., None, :]  # G[b, j] theta_j
-        h_end = (mom[..., -1, 1:] * th)[..., None, :]  # H[b, j] theta_j
-        new_weights.append(d0[..., -1, None, None] * w + c[..., -1, None, None] * s - matmul(a_t * g_end, delta))
-        new_momentum.append(h0[..., -1, None, None] * s - matmul(a_t * h_end, delta))
-    y = q + layer_norm(u) if residual_norm else u
+        u.append(h)
+        p.append(matmul(h, _swap(a[layer])))  # u_t . a_j, [B, H, b(t), b(j)]
+        uw.append(matmul(h, w))
+        us.append(matmul(h, m))
+        scores = p[-1] * rgamma * th[..., None, :]
+        zeta.append(rd0[..., None] * uw[-1] + rc[..., None] * us[-1] - matmul(scores, delta[layer]))
+        h = act(zeta[-1]) if layer < depth - 1 else h
+        a_t = _swap(a[layer])
+        new_weights.append(
+            d0_end[..., None, None] * w + c_end[..., None, None] * m
+            - matmul(a_t * (gamma_end * th)[..., None, :], delta[layer])
+        )
+        new_momentum.append(h0_end[..., None, None] * m - matmul(a_t * (mom_end * th)[..., None, :], delta[layer]))
+    y = _readout(zeta[-1], q, residual_norm)
 
-    new_weights, new_momentum = tuple(new_weights), tuple(new_momentum)
-    new_anchor = jax.tree.map(lambda w, a: jnp.where(completes, w, a), new_weights, anchor)
-    return (new_weights, new_momentum, new_anchor), y
+    new_anchor = tuple(jnp.where(completes, w, an) for w, an in zip(new_weights, anchor))
+    out = ((tuple(new_weights), tuple(new_momentum), new_anchor), y)
+    return out, (carry, xs, a, z, s, delta, u, uw, us, p, zeta)
+
+
+def _chunk_backward(config, residuals, cotangents):
+    """Hand-written VJP of `_chunk_forward`: first-order terms through the readout and the state
+    update, second-order ones through the per-token gradients (a^(l), delta^(l) depend on k, v and
+    the anchor). Only elementwise pieces (LayerNorm, activations, the coefficients) use jax.vjp."""
+    activation, residual_norm, read_before_write = config
+    act_grad = _derivative(ACTIVATIONS[activation])
+    carry, xs, a, z, s, delta, u, uw, us, p, zeta = residuals
+    (new_weights_bar, new_momentum_bar, new_anchor_bar), y_bar = cotangents
+    weights, momentum, anchor = carry
+    q, k, v, theta, eta, alpha, valid, completes = xs
+    depth = len(weights)
+    theta = jnp.where(valid[..., None], theta, 0.0)
+    ((rd0, rc, rgamma), ends), coefficients_vjp = jax.vjp(
+        lambda e, al: _coefficients(e, al, valid, read_before_write), eta, alpha
+    )
+    d0_end, c_end, h0_end, gamma_end, mom_end = ends
+    sum_mat = lambda x: jnp.sum(x, axis=(-2, -1))
+
+    # new_anchor = where(completes, new_weights, anchor)
+    new_weights_bar = [wb + jnp.where(completes, ab, 0.0) for wb, ab in zip(new_weights_bar, new_anchor_bar)]
+    anchor_bar = [jnp.where(completes, 0.0, ab) for ab in new_anchor_bar]
+    a_bar = [jnp.zeros_like(x) for x in a]
+    delta_bar = [jnp.zeros_like(x) for x in delta]
+    z_bar = [jnp.zeros_like(x) for x in z]
+    weights_bar, momentum_bar, theta_bar = [None] * depth, [None] * depth, [None] * depth
+    ends_bar = [0.0] * 5
+    rows_bar = [0.0] * 3
+
+    # Chunk-end state: W' = d0 W + c S - a^T diag(G_b theta) delta, S' = h0 S - a^T diag(H_b theta) delta.
+    for layer in range(depth):
+        th = theta[..., layer]
+        wb, mb = new_weights_bar[layer], new_momentum_bar[layer]
+        w, m = weights[layer], momentum[layer]
+        weights_bar[layer] = d0_end[..., None, None] * wb
+        momentum_bar[layer] = c_end[..., None, None] * wb + h0_end[..., None, None] * mb
+        ends_bar[0] += sum_mat(wb * w)
+        ends_bar[1] += sum_mat(wb * m)
+        ends_bar[2] += sum_mat(mb * m)
+        gw, gm = (gamma_end * th)[..., None], (mom_end * th)[..., None]
+        a_wb, a_mb = matmul(a[layer], wb), matmul(a[layer], mb)  # [B, H, b, out]
+        a_bar[layer] -= gw * matmul(delta[layer], _swap(wb)) + gm * matmul(delta[layer], _swap(mb))
+        delta_bar[layer] -= gw * a_wb + gm * a_mb
+        coef_w = -jnp.sum(a_wb * delta[layer], axis=-1)  # d/d(G_b theta)_j
+        coef_m = -jnp.sum(a_mb * delta[layer], axis=-1)
+        theta_bar[layer] = coef_w * gamma_end + coef_m * mom_end
+        ends_bar[3] += coef_w * th
+        ends_bar[4] += coef_m * th
+
+    # Readout: zeta = rd0 (u W) + rc (u S) - (P * G * theta) delta, layer by layer from the top.
+    _, readout_vjp = jax.vjp(lambda zz, qq: _readout(zz, qq, residual_norm), zeta[-1], q)
+    zeta_bar, q_bar = readout_vjp(y_bar.astype(zeta[-1].dtype))
+    for layer in reversed(range(depth)):
+        th = theta[..., layer]
+        if layer < depth - 1:
+            zeta_bar = u_bar * act_grad(zeta[layer])
+        rows_bar[0] += jnp.sum(zeta_bar * uw[layer], axis=-1)
+        rows_bar[1] += jnp.sum(zeta_bar * us[layer], axis=-1)
+        zd, zc = rd0[..., None] * zeta_bar, rc[..., None] * zeta_bar
+        u_t = _swap(u[layer])
+        weights_bar[layer] += matmul(u_t, zd)
+        momentum_bar[layer] += matmul(u_t, zc)
+        u_bar = matmul(zd, _swap(weights[layer])) + matmul(zc, _swap(momentum[layer]))
+        scores_bar = -matmul(zeta_bar, _swap(delta[layer]))  # [B, H, b, b]
+        delta_bar[layer] -= matmul(_swap(p[layer] * rgamma * th[..., None, :]), zeta_bar)
+        pm = scores_bar * p[layer]
+        rows_bar[2] += pm * th[..., None, :]
+        theta_bar[layer] += jnp.sum(pm * rgamma, axis=-2)
+        p_bar = scores_bar * rgamma * th[..., None, :]
+        u_bar += matmul(p_bar, a[layer])
+        a_bar[layer] += matmul(_swap(p_bar), u[layer])
+    q_bar += u_bar
+
+    # Keys, second order: delta^(l) = (delta^(l+1) W^(l+1)T) * act'(z^(l)), delta^(L) = error(out).
+    for layer in range(depth - 1):
+        _, chain_vjp = jax.vjp(lambda ss, zz: ss * act_grad(zz), s[layer], z[layer])
+        s_bar, z_extra = chain_vjp(delta_bar[layer])
+        z_bar[layer] += z_extra
+        delta_bar[layer + 1] += matmul(s_bar, anchor[layer + 1])
+        anchor_bar[layer + 1] += matmul(_swap(s_bar), delta[layer + 1])
+    _, error_vjp = jax.vjp(lambda o, kk, vv: _key_error(o, kk, vv, residual_norm), z[-1], k, v)
+    out_bar, k_bar, v_bar = error_vjp(delta_bar[-1])
+    z_bar[-1] += out_bar
+    # Keys, first order: z^(l) = a^(l) A^(l), a^(l+1) = act(z^(l)), a^(1) = k.
+    for layer in reversed(range(depth)):
+        anchor_bar[layer] += matmul(_swap(a[layer]), z_bar[layer])
+        a_bar[layer] += matmul(z_bar[layer], _swap(anchor[layer]))
+        if layer > 0:
+            z_bar[layer - 1] += a_bar[layer] * act_grad(z[layer - 1])
+    k_bar += a_bar[0]
+
+    eta_bar, alpha_bar = coefficients_vjp((tuple(rows_bar), tuple(ends_bar)))
+    theta_bar = jnp.where(valid[..., None], jnp.stack(theta_bar, axis=-1), 0.0)
+    carry_bar = (tuple(weights_bar), tuple(momentum_bar), tuple(anchor_bar))
+    return carry_bar, (q_bar, k_bar, v_bar, theta_bar, eta_bar, alpha_bar, None, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _chunk_step(carry, xs, config):
+    return _chunk_forward(carry, xs, config)[0]
+
+
+_chunk_step.defvjp(_chunk_forward, _chunk_backward)
 
 
 def memory_scan_chunked(
@@ -153,10 +300,8 @@ def memory_scan_chunked(
         place(eta, 1.0), place(alpha, 0.0), valid, completes,
     )
 
-    step = jax.tree_util.Partial(
-        _chunk_step, activation=activation, residual_norm=residual_norm,
-        read_before_write=read_before_write,
-    )
+    config = (activation, residual_norm, read_before_write)
+    step = lambda carry, chunk_xs: _chunk_step(carry, chunk_xs, config)
 
     # Backprop through a scan keeps every step's carry: three weight copies per chunk. Instead keep
     # the carry every `group` chunks and recompute each group's chunks in the backward pass.
