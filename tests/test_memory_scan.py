@@ -346,3 +346,24 @@ def test_pairwise_grid_covers_every_pair():
         seen = {(c[x], c[y]) for c in cases}
         assert seen == set(itertools.product(factors[x], factors[y]))
     assert len(VALUE_CASES) <= 28
+
+
+def _train_temp_bytes(n_chunks, chunk=4):
+    """XLA's working memory for value-and-grad of a chunked scan over n_chunks chunks."""
+    inputs = random_inputs(0, batch=1, seq=n_chunks * chunk, heads=2, head_dim=16, hidden=64, depth=2)
+    weights = tuple(map(jnp.asarray, inputs["weights"]))
+
+    def loss(weights, *args):
+        return jnp.sum(memory_scan(MemoryState.create(weights), *args, chunk_size=chunk, residual_norm=True, impl="chunked")[0])
+
+    args = [jnp.asarray(inputs[n]) for n in ARGS]
+    compiled = jax.jit(jax.grad(loss, argnums=tuple(range(7)))).lower(weights, *args).compile()
+    return compiled.memory_analysis().temp_size_in_bytes, sum(w.nbytes for w in weights)
+
+
+def test_training_memory_grows_like_sqrt_of_chunks():
+    """Backprop keeps one state every ~sqrt(n) chunks, not three state copies per chunk."""
+    small, state_bytes = _train_temp_bytes(64)
+    large, _ = _train_temp_bytes(256)
+    assert large / small < 2.6  # sqrt growth: 2; a carry per chunk: ~4
+    assert large < 256 * state_bytes  # less than one weight copy per chunk
