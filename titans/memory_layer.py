@@ -31,6 +31,7 @@ from flax import nnx
 
 from kernels.memory import IMPLS, MemoryState, memory_scan
 from kernels.memory.common import ACTIVATIONS
+from titans.conv import causal_depthwise_conv
 
 MAX_DEPTH = 4
 NORM_EPS = 1e-6
@@ -246,12 +247,10 @@ class MemoryLayer(nnx.Module):
     def _conv(self, u: jax.Array, tail: jax.Array, weight: nnx.Param) -> tuple[jax.Array, jax.Array]:
         """Causal depthwise conv of u `[batch, seq, heads*dim]` after `tail`; returns (out, new tail)."""
         kernel = self.config.conv_kernel
-        seq = u.shape[1]
         full = jnp.concatenate([tail.astype(u.dtype), u], axis=1)
         acc = self.config.accum_dtype
-        w = weight[...].astype(acc)
         # Taps accumulate in float32; the carried inputs stay in the compute dtype.
-        out = sum(full[:, i : i + seq].astype(acc) * w[i] for i in range(kernel))
+        out = causal_depthwise_conv(full.astype(acc), weight[...].astype(acc))
         return out, full[:, full.shape[1] - (kernel - 1) :]
 
     def project(self, x: jax.Array, conv=None):
