@@ -27,6 +27,7 @@ from kernels.memory.common import (
     layer_norm,
     matmul,
     memory_apply,
+    row_sum,
 )
 
 
@@ -191,8 +192,8 @@ def _chunk_backward(config, residuals, cotangents):
         a_wb, a_mb = matmul(a[layer], wb), matmul(a[layer], mb)  # [B, H, b, out]
         a_bar[layer] -= gw * matmul(delta[layer], _swap(wb)) + gm * matmul(delta[layer], _swap(mb))
         delta_bar[layer] -= gw * a_wb + gm * a_mb
-        coef_w = -jnp.sum(a_wb * delta[layer], axis=-1)  # d/d(G_b theta)_j
-        coef_m = -jnp.sum(a_mb * delta[layer], axis=-1)
+        coef_w = -row_sum(a_wb * delta[layer])[..., 0]  # d/d(G_b theta)_j
+        coef_m = -row_sum(a_mb * delta[layer])[..., 0]
         theta_bar[layer] = coef_w * gamma_end + coef_m * mom_end
         ends_bar[3] += coef_w * th
         ends_bar[4] += coef_m * th
@@ -204,8 +205,8 @@ def _chunk_backward(config, residuals, cotangents):
         th = theta[..., layer]
         if layer < depth - 1:
             zeta_bar = u_bar * act_grad(zeta[layer])
-        rows_bar[0] += jnp.sum(zeta_bar * uw[layer], axis=-1)
-        rows_bar[1] += jnp.sum(zeta_bar * us[layer], axis=-1)
+        rows_bar[0] += row_sum(zeta_bar * uw[layer])[..., 0]
+        rows_bar[1] += row_sum(zeta_bar * us[layer])[..., 0]
         zd, zc = rd0[..., None] * zeta_bar, rc[..., None] * zeta_bar
         u_t = _swap(u[layer])
         weights_bar[layer] += matmul(u_t, zd)

@@ -49,10 +49,20 @@ class MemoryState(NamedTuple):
         return cls(weights, tuple(momentum), weights, np.zeros((), np.int32))
 
 
+def row_sum(x: jax.Array) -> jax.Array:
+    """Sum over the last axis, keeping it (size 1).
+
+    A matmul with a ones vector: XLA:CPU runs these small row reductions several times slower as
+    reductions than as matmuls (measured +7% training tokens/s of the chunk scan at 4 x 64).
+    """
+    return matmul(x, jnp.ones((x.shape[-1], 1), x.dtype))
+
+
 def layer_norm(x: jax.Array) -> jax.Array:
     """LayerNorm over the last axis without affine parameters (biased variance)."""
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    n = x.shape[-1]
+    mean = row_sum(x) / n
+    var = row_sum(jnp.square(x - mean)) / n
     return (x - mean) * jax.lax.rsqrt(var + LN_EPS)
 
 
