@@ -140,9 +140,9 @@ def _chunk_forward(carry, xs, config):
         a_t = _swap(a[layer])
         new_weights.append(
             d0_end[..., None, None] * w + c_end[..., None, None] * m
-            - matmul(a_t * (gamma_end * th)[..., None, :], delta[layer])
+            - matmul(a_t, (gamma_end * th)[..., None] * delta[layer])
         )
-        new_momentum.append(h0_end[..., None, None] * m - matmul(a_t * (mom_end * th)[..., None, :], delta[layer]))
+        new_momentum.append(h0_end[..., None, None] * m - matmul(a_t, (mom_end * th)[..., None] * delta[layer]))
     y = _readout(zeta[-1], q, residual_norm)
 
     new_anchor = tuple(jnp.where(completes, w, an) for w, an in zip(new_weights, anchor))

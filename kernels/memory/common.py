@@ -58,12 +58,21 @@ def row_sum(x: jax.Array) -> jax.Array:
     return matmul(x, jnp.ones((x.shape[-1], 1), x.dtype))
 
 
+def _broadcast_row(s: jax.Array, n: int) -> jax.Array:
+    """[..., 1] -> [..., n] as an outer product with ones, so its transpose is `row_sum` (a matmul)."""
+    return matmul(s, jnp.ones((1, n), s.dtype))
+
+
 def layer_norm(x: jax.Array) -> jax.Array:
-    """LayerNorm over the last axis without affine parameters (biased variance)."""
+    """LayerNorm over the last axis without affine parameters (biased variance).
+
+    Means and their broadcasts are matmuls with ones, so autodiff of this (first and second order,
+    as the chunk scan needs) has no row reductions (slow on XLA:CPU, see `row_sum`).
+    """
     n = x.shape[-1]
-    mean = row_sum(x) / n
-    var = row_sum(jnp.square(x - mean)) / n
-    return (x - mean) * jax.lax.rsqrt(var + LN_EPS)
+    centered = x - _broadcast_row(row_sum(x) / n, n)
+    rstd = jax.lax.rsqrt(row_sum(jnp.square(centered)) / n + LN_EPS)
+    return centered * _broadcast_row(rstd, n)
 
 
 def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
