@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PEER_SCRIPT = ROOT.parent / "shared" / "peers" / "titans_pytorch_bench.py"
 BENCHMARKS = ROOT / "BENCHMARKS.md"
-SECTION = "bench_memory"
+SECTION = "bench_memory"  # + "_<n>dev" for --devices n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,7 @@ class BenchConfig:
     depth: int = 2
     expansion: int = 4
     reference_train_max: int = 1024  # backprop through a token loop keeps ~2 state copies per token
+    devices: int = 1  # >1: that many host devices, memory heads sharded over them
     iters: int = 5
     budget_s: float = 20.0
     peer_python: str | None = None
@@ -61,6 +62,8 @@ class BenchConfig:
                 raise ValueError(f"--{name} has unknown entries {sorted(bad)}; choose from {allowed}")
         if any(n < 1 for n in self.seq_lens):
             raise ValueError("--seq-lens must be positive")
+        if self.devices < 1 or any(int(h.split("x")[0]) % self.devices for h in self.heads):
+            raise ValueError(f"--devices {self.devices} must be >= 1 and divide every head count in --heads")
 
     def cases(self) -> list[dict]:
         out = []
@@ -116,6 +119,7 @@ def run_case(case: dict, cfg: BenchConfig) -> dict:
     from flax import nnx
 
     from titans.memory_layer import MemoryLayer, MemoryLayerConfig
+    from titans.sharding import logical_shardings
 
     heads, head_dim = map(int, case["heads"].split("x"))
     layer_cfg = MemoryLayerConfig(
@@ -126,6 +130,10 @@ def run_case(case: dict, cfg: BenchConfig) -> dict:
     kx, kt = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (1, case["seq"], cfg.d_model), jnp.float32)
     target = jax.random.normal(kt, x.shape, jnp.float32)
+    if cfg.devices > 1:  # heads are independent: shard them over the host devices (tensor parallel)
+        mesh = jax.make_mesh((cfg.devices,), ("heads",), axis_types=(jax.sharding.AxisType.Auto,))
+        params = jax.device_put(params, logical_shardings(params, mesh, {"heads": "heads"}))
+        x, target = jax.device_put((x, target), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
     def forward(params, x):
         return nnx.merge(graph, params)(x)[0]
@@ -161,7 +169,10 @@ def run_case(case: dict, cfg: BenchConfig) -> dict:
 
 def run_in_child(case: dict, cfg: BenchConfig) -> dict:
     cmd = [sys.executable, __file__, "--child", json.dumps(case), "--child-config", json.dumps(dataclasses.asdict(cfg))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if cfg.devices > 1:  # read by XLA when the child starts
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={cfg.devices}".strip()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -209,9 +220,9 @@ def table(rows: list[dict], peer: list[dict], matmul: float) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    """Replace this script's section of BENCHMARKS.md atomically (temp file + rename)."""
-    start, end = f"<!-- {SECTION}:start -->", f"<!-- {SECTION}:end -->"
+def write_section(text: str, section: str) -> None:
+    """Replace `section` of BENCHMARKS.md atomically (temp file + rename)."""
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     old = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
     block = f"{start}\n{text}\n{end}"
     if start in old and end in old:
@@ -243,14 +254,16 @@ def main(cfg: BenchConfig) -> list[dict]:
         f"Date: {datetime.date.today()}; jax {jax.__version__}; {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs ({_cpu_name()}); float32 2048^2 matmul: {matmul:.0f} GFLOP/s  \n"
         f"Memory layer: d_model {cfg.d_model}, chunk {cfg.chunk_size}, depth {cfg.depth}, expansion "
-        f"{cfg.expansion}, batch 1. XLA temp = compiled working memory; peak RSS = the case's process."
+        f"{cfg.expansion}, batch 1, {cfg.devices} host device(s)"
+        f"{' (memory heads sharded over them)' if cfg.devices > 1 else ''}. "
+        "XLA temp = compiled working memory; peak RSS = the case's process."
     )
     if peer:
         header += f"  \nPeer: titans-pytorch {peer[0].get('titans_pytorch')}, torch {peer[0].get('torch')}, run right after."
     text = header + "\n\n" + table(rows, peer, matmul)
     print(text)
     if cfg.write:
-        write_section(text)
+        write_section(text, SECTION if cfg.devices == 1 else f"{SECTION}_{cfg.devices}dev")
         print(f"wrote {BENCHMARKS}")
     return rows
 
@@ -273,6 +286,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     p.add_argument("--impls", help="comma-separated: chunked,reference")
     p.add_argument("--modes", help="comma-separated: train,infer")
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--devices", type=int, default=1, help="host devices; memory heads are sharded over them")
     p.add_argument("--peer-python", help="python of a venv with titans-pytorch 0.5.5 (see ../shared/peers)")
     p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -286,7 +300,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
             kw[name] = tuple(getattr(args, name).split(","))
     if args.seq_lens:
         kw["seq_lens"] = tuple(int(s) for s in args.seq_lens.split(","))
-    return BenchConfig(iters=args.iters, peer_python=args.peer_python, write=args.write, **kw), args
+    return BenchConfig(iters=args.iters, devices=args.devices, peer_python=args.peer_python, write=args.write, **kw), args
 
 
 if __name__ == "__main__":

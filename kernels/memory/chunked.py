@@ -9,6 +9,10 @@ A call that starts mid-chunk (`offset > 0`) is laid on the global chunk grid: to
 position `offset + t`, and positions outside the call are padding that leaves the state unchanged
 (exactly what the write mask does). A traced offset needs one chunk more than a known one, so a
 concrete offset is used as a Python int.
+
+Training: the chunk step has a hand-written VJP (`_chunk_backward`; +21% training tokens/s over
+autodiff on CPU), and the chunk scan is rematerialised in groups of ~sqrt(n) chunks, so backprop
+keeps O(sqrt(n)) copies of the state instead of three per chunk.
 """
 
 from __future__ import annotations

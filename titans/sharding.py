@@ -1,0 +1,20 @@
+"""Mapping the logical axis names on parameters ("embed", "heads", ...) onto a device mesh."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+def logical_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, str | None]) -> nnx.State:
+    """A `NamedSharding` per parameter: each logical name becomes the mesh axis `rules` gives it
+    (names absent from `rules` are replicated)."""
+
+    def to_sharding(spec: PartitionSpec) -> NamedSharding:
+        return NamedSharding(mesh, PartitionSpec(*(rules.get(name) if name else None for name in spec)))
+
+    specs = nnx.get_partition_spec(state)
+    return jax.tree.map(to_sharding, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
