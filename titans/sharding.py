@@ -11,9 +11,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 def logical_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, str | None]) -> nnx.State:
     """A `NamedSharding` per parameter: each logical name becomes the mesh axis `rules` gives it
-    (names absent from `rules` are replicated)."""
+    (names absent from `rules`, and parameters without names, are replicated)."""
 
-    def to_sharding(spec: PartitionSpec) -> NamedSharding:
+    def to_sharding(spec) -> NamedSharding:
+        if not isinstance(spec, PartitionSpec):  # no sharding metadata on this parameter
+            return NamedSharding(mesh, PartitionSpec())
         return NamedSharding(mesh, PartitionSpec(*(rules.get(name) if name else None for name in spec)))
 
     specs = nnx.get_partition_spec(state)

@@ -28,6 +28,9 @@ def _check_state(state: MemoryState, batch: int, heads: int, dim: int) -> jnp.dt
     depth = len(weights)
     if not 1 <= depth <= MAX_DEPTH:
         raise ValueError(f"state.weights must hold 1 to {MAX_DEPTH} matrices (memory depth), got {depth}")
+    for field in ("weights", "momentum", "anchor"):
+        if not all(hasattr(w, "shape") and hasattr(w, "dtype") for w in tuple(getattr(state, field))):
+            raise ValueError(f"state.{field} must be a tuple of arrays [batch, heads, in, out]")
     dtype = jnp.dtype(weights[0].dtype)
     if dtype not in (jnp.float32, jnp.float64):
         raise ValueError(f"state.weights must be float32 (float64 under jax_enable_x64), got {dtype}")
@@ -79,13 +82,13 @@ def _check_inputs(q, k, v, theta, eta, alpha, mask, depth: int) -> None:
 
 
 def _check_ranges(theta, eta, alpha) -> None:
-    """Gate ranges, only where the values are known (not under jit/grad)."""
+    """Gate ranges, only where the values are known (not under jit/grad) and local to this process."""
     for name, x, lo, hi in (("theta", theta, 0.0, np.inf), ("eta", eta, 0.0, 1.0), ("alpha", alpha, 0.0, 1.0)):
-        if _concrete(x):
+        if _concrete(x) and getattr(x, "is_fully_addressable", True):
             x = np.asarray(x, np.float64)
-            if not np.all((x >= lo) & (x <= hi)):  # NaN fails too
-                bad = x[~((x >= lo) & (x <= hi))].ravel()[0]
-                raise ValueError(f"{name} must lie in [{lo}, {hi}], found {bad}")
+            ok = (x >= lo) & (x <= hi) & np.isfinite(x)  # NaN and inf fail too
+            if not np.all(ok):
+                raise ValueError(f"{name} must lie in [{lo}, {hi}] and be finite, found {x[~ok].ravel()[0]}")
 
 
 def memory_scan(
@@ -119,8 +122,9 @@ def memory_scan(
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
-    if not isinstance(residual_norm, bool):
-        raise ValueError(f"residual_norm must be a bool, got {residual_norm!r}")
+    for name, flag in (("residual_norm", residual_norm), ("read_before_write", read_before_write)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
     q, k, v, theta, eta, alpha = map(jnp.asarray, (q, k, v, theta, eta, alpha))
     mask = None if mask is None else jnp.asarray(mask)
     if q.ndim != 4:
@@ -146,6 +150,6 @@ def memory_scan(
     y, new_state = fn(
         state, *map(cast, (q, k, v, theta, eta, alpha)), mask,
         chunk_size=int(chunk_size), activation=activation, residual_norm=residual_norm,
-        read_before_write=bool(read_before_write),
+        read_before_write=read_before_write,
     )
     return y.astype(q.dtype), new_state

@@ -30,7 +30,6 @@ from kernels.memory.common import (
     associative_loss,
     layer_norm,
     matmul,
-    memory_apply,
     row_sum,
 )
 

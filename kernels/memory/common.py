@@ -79,31 +79,14 @@ def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b, precision=PRECISION)
 
 
-def memory_apply(
-    weights: Weights,
-    x: jax.Array,
-    activation: str,
-    residual_norm: bool,
-    perturb: Sequence[jax.Array] | None = None,
-) -> tuple[jax.Array, list[jax.Array]]:
-    """M_W(x) for x `[..., n, D]` with weights `[..., in, out]`.
-
-    Returns the prediction and the inputs `a^(l)` of every layer (`[..., n, in_l]`). `perturb`
-    (optional, one array per layer shaped like that layer's pre-activation) is added to each
-    pre-activation: the gradient of a per-token loss with respect to it at zero is the
-    back-propagated error `delta^(l)` of that token.
-    """
+def memory_apply(weights: Weights, x: jax.Array, activation: str, residual_norm: bool) -> jax.Array:
+    """M_W(x) for x `[..., n, D]` with weights `[..., in, out]` -> `[..., n, D]`."""
     act = ACTIVATIONS[activation]
-    inputs = []
     h = x
     for layer, w in enumerate(weights):
-        inputs.append(h)
-        z = matmul(h, w)
-        if perturb is not None:
-            z = z + perturb[layer]
-        h = act(z) if layer < len(weights) - 1 else z
-    out = x + layer_norm(h) if residual_norm else h
-    return out, inputs
+        h = matmul(h, w)
+        h = act(h) if layer < len(weights) - 1 else h
+    return x + layer_norm(h) if residual_norm else h
 
 
 def associative_loss(pred: jax.Array, v: jax.Array) -> jax.Array:

@@ -28,7 +28,7 @@ def memory_scan_reference(
     read_before_write: bool,
 ) -> tuple[jax.Array, MemoryState]:
     def memory(weights, x):  # weights [B, H, in, out], x [B, H, D] -> [B, H, D]
-        return memory_apply(weights, x[..., None, :], activation, residual_norm)[0][..., 0, :]
+        return memory_apply(weights, x[..., None, :], activation, residual_norm)[..., 0, :]
 
     def loss(weights, key, value):
         return associative_loss(memory(weights, key), value)
