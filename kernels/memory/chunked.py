@@ -30,6 +30,8 @@ from kernels.memory.common import (
     associative_loss,
     layer_norm,
     matmul,
+    matmul_nt,
+    matmul_tn,
     row_sum,
 )
 
@@ -53,10 +55,6 @@ def _shift_rows(x: jax.Array, fill: float, axis: int) -> jax.Array:
     x = jnp.moveaxis(x, axis, -1)
     x = jnp.concatenate([jnp.full_like(x[..., :1], fill), x[..., :-1]], axis=-1)
     return jnp.moveaxis(x, -1, axis)
-
-
-def _swap(x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, -1, -2)
 
 
 def _derivative(fn):
@@ -125,7 +123,7 @@ def _chunk_forward(carry, xs, config):
     s = [None] * (depth - 1)  # delta^(l+1) W^(l+1)T, before the activation's derivative
     delta[-1] = _key_error(z[-1], k, v, residual_norm)
     for layer in reversed(range(depth - 1)):
-        s[layer] = matmul(delta[layer + 1], _swap(anchor[layer + 1]))
+        s[layer] = matmul_nt(delta[layer + 1], anchor[layer + 1])
         delta[layer] = s[layer] * act_grad(z[layer])
 
     u, uw, us, p, zeta = [], [], [], [], []
@@ -134,18 +132,17 @@ def _chunk_forward(carry, xs, config):
     for layer, (w, m) in enumerate(zip(weights, momentum)):
         th = theta[..., layer]  # [B, H, b]
         u.append(h)
-        p.append(matmul(h, _swap(a[layer])))  # u_t . a_j, [B, H, b(t), b(j)]
+        p.append(matmul_nt(h, a[layer]))  # u_t . a_j, [B, H, b(t), b(j)]
         uw.append(matmul(h, w))
         us.append(matmul(h, m))
         scores = p[-1] * rgamma * th[..., None, :]
         zeta.append(rd0[..., None] * uw[-1] + rc[..., None] * us[-1] - matmul(scores, delta[layer]))
         h = act(zeta[-1]) if layer < depth - 1 else h
-        a_t = _swap(a[layer])
         new_weights.append(
             d0_end[..., None, None] * w + c_end[..., None, None] * m
-            - matmul(a_t, (gamma_end * th)[..., None] * delta[layer])
+            - matmul_tn(a[layer], (gamma_end * th)[..., None] * delta[layer])
         )
-        new_momentum.append(h0_end[..., None, None] * m - matmul(a_t, (mom_end * th)[..., None] * delta[layer]))
+        new_momentum.append(h0_end[..., None, None] * m - matmul_tn(a[layer], (mom_end * th)[..., None] * delta[layer]))
     y = _readout(zeta[-1], q, residual_norm)
 
     new_anchor = tuple(jnp.where(completes, w, an) for w, an in zip(new_weights, anchor))
@@ -193,7 +190,7 @@ def _chunk_backward(config, residuals, cotangents):
         ends_bar[2] += sum_mat(mb * m)
         gw, gm = (gamma_end * th)[..., None], (mom_end * th)[..., None]
         a_wb, a_mb = matmul(a[layer], wb), matmul(a[layer], mb)  # [B, H, b, out]
-        a_bar[layer] -= gw * matmul(delta[layer], _swap(wb)) + gm * matmul(delta[layer], _swap(mb))
+        a_bar[layer] -= gw * matmul_nt(delta[layer], wb) + gm * matmul_nt(delta[layer], mb)
         delta_bar[layer] -= gw * a_wb + gm * a_mb
         coef_w = -row_sum(a_wb * delta[layer])[..., 0]  # d/d(G_b theta)_j
         coef_m = -row_sum(a_mb * delta[layer])[..., 0]
@@ -211,18 +208,17 @@ def _chunk_backward(config, residuals, cotangents):
         rows_bar[0] += row_sum(zeta_bar * uw[layer])[..., 0]
         rows_bar[1] += row_sum(zeta_bar * us[layer])[..., 0]
         zd, zc = rd0[..., None] * zeta_bar, rc[..., None] * zeta_bar
-        u_t = _swap(u[layer])
-        weights_bar[layer] += matmul(u_t, zd)
-        momentum_bar[layer] += matmul(u_t, zc)
-        u_bar = matmul(zd, _swap(weights[layer])) + matmul(zc, _swap(momentum[layer]))
-        scores_bar = -matmul(zeta_bar, _swap(delta[layer]))  # [B, H, b, b]
-        delta_bar[layer] -= matmul(_swap(p[layer] * rgamma * th[..., None, :]), zeta_bar)
+        weights_bar[layer] += matmul_tn(u[layer], zd)
+        momentum_bar[layer] += matmul_tn(u[layer], zc)
+        u_bar = matmul_nt(zd, weights[layer]) + matmul_nt(zc, momentum[layer])
+        scores_bar = -matmul_nt(zeta_bar, delta[layer])  # [B, H, b, b]
+        delta_bar[layer] -= matmul_tn(p[layer] * rgamma * th[..., None, :], zeta_bar)
         pm = scores_bar * p[layer]
         rows_bar[2] += pm * th[..., None, :]
         theta_bar[layer] += jnp.sum(pm * rgamma, axis=-2)
         p_bar = scores_bar * rgamma * th[..., None, :]
         u_bar += matmul(p_bar, a[layer])
-        a_bar[layer] += matmul(_swap(p_bar), u[layer])
+        a_bar[layer] += matmul_tn(p_bar, u[layer])
     q_bar += u_bar
 
     # Keys, second order: delta^(l) = (delta^(l+1) W^(l+1)T) * act'(z^(l)), delta^(L) = error(out).
@@ -231,14 +227,14 @@ def _chunk_backward(config, residuals, cotangents):
         s_bar, z_extra = chain_vjp(delta_bar[layer])
         z_bar[layer] += z_extra
         delta_bar[layer + 1] += matmul(s_bar, anchor[layer + 1])
-        anchor_bar[layer + 1] += matmul(_swap(s_bar), delta[layer + 1])
+        anchor_bar[layer + 1] += matmul_tn(s_bar, delta[layer + 1])
     _, error_vjp = jax.vjp(lambda o, kk, vv: _key_error(o, kk, vv, residual_norm), z[-1], k, v)
     out_bar, k_bar, v_bar = error_vjp(delta_bar[-1])
     z_bar[-1] += out_bar
     # Keys, first order: z^(l) = a^(l) A^(l), a^(l+1) = act(z^(l)), a^(1) = k.
     for layer in reversed(range(depth)):
-        anchor_bar[layer] += matmul(_swap(a[layer]), z_bar[layer])
-        a_bar[layer] += matmul(z_bar[layer], _swap(anchor[layer]))
+        anchor_bar[layer] += matmul_tn(a[layer], z_bar[layer])
+        a_bar[layer] += matmul_nt(z_bar[layer], anchor[layer])
         if layer > 0:
             z_bar[layer - 1] += a_bar[layer] * act_grad(z[layer - 1])
     k_bar += a_bar[0]

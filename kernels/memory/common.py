@@ -79,6 +79,16 @@ def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b, precision=PRECISION)
 
 
+def matmul_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a `[..., m, k]` times b `[..., n, k]` transposed -> `[..., m, n]`, as one dot_general."""
+    return jnp.einsum("...mk,...nk->...mn", a, b, precision=PRECISION)
+
+
+def matmul_tn(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a `[..., k, m]` transposed times b `[..., k, n]` -> `[..., m, n]`."""
+    return jnp.einsum("...km,...kn->...mn", a, b, precision=PRECISION)
+
+
 def memory_apply(weights: Weights, x: jax.Array, activation: str, residual_norm: bool) -> jax.Array:
     """M_W(x) for x `[..., n, D]` with weights `[..., in, out]` -> `[..., n, D]`."""
     act = ACTIVATIONS[activation]
