@@ -29,11 +29,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels.memory import IMPLS, MemoryState, memory_scan
+from kernels.memory import IMPLS, MAX_DEPTH, MemoryState, memory_scan
 from kernels.memory.common import ACTIVATIONS
 from titans.conv import causal_depthwise_conv
 
-MAX_DEPTH = 4
 NORM_EPS = 1e-6
 
 

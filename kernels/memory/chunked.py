@@ -28,10 +28,11 @@ from kernels.memory.common import (
     ACTIVATIONS,
     MemoryState,
     associative_loss,
-    layer_norm,
     matmul,
     matmul_nt,
     matmul_tn,
+    memory_output,
+    mlp_layers,
     row_sum,
 )
 
@@ -88,12 +89,7 @@ def _coefficients(eta, alpha, valid, read_before_write):
 
 def _key_error(out, k, v, residual_norm):
     """d loss / d out for the memory's last pre-activation `out` [B, H, b, D] (the error delta^(L))."""
-    pred = lambda o: k + layer_norm(o) if residual_norm else o
-    return jax.grad(lambda o: associative_loss(pred(o), v))(out)
-
-
-def _readout(z, q, residual_norm):
-    return q + layer_norm(z) if residual_norm else z
+    return jax.grad(lambda o: associative_loss(memory_output(k, o, residual_norm), v))(out)
 
 
 def _chunk_forward(carry, xs, config):
@@ -113,12 +109,7 @@ def _chunk_forward(carry, xs, config):
 
     # One forward + backward of the memory on the keys at the anchor: the layer inputs a^(l) and
     # errors delta^(l) whose outer products are the per-token gradients g_j^(l).
-    a, z = [], []
-    h = k
-    for layer in range(depth):
-        a.append(h)
-        z.append(matmul(h, anchor[layer]))
-        h = act(z[-1]) if layer < depth - 1 else h
+    a, z = mlp_layers(anchor, k, activation)
     delta = [None] * depth
     s = [None] * (depth - 1)  # delta^(l+1) W^(l+1)T, before the activation's derivative
     delta[-1] = _key_error(z[-1], k, v, residual_norm)
@@ -143,7 +134,7 @@ def _chunk_forward(carry, xs, config):
             - matmul_tn(a[layer], (gamma_end * th)[..., None] * delta[layer])
         )
         new_momentum.append(h0_end[..., None, None] * m - matmul_tn(a[layer], (mom_end * th)[..., None] * delta[layer]))
-    y = _readout(zeta[-1], q, residual_norm)
+    y = memory_output(q, zeta[-1], residual_norm)
 
     new_anchor = tuple(jnp.where(completes, w, an) for w, an in zip(new_weights, anchor))
     out = ((tuple(new_weights), tuple(new_momentum), new_anchor), y)
@@ -199,7 +190,7 @@ def _chunk_backward(config, residuals, cotangents):
         ends_bar[4] += coef_m * th
 
     # Readout: zeta = rd0 (u W) + rc (u S) - (P * G * theta) delta, layer by layer from the top.
-    _, readout_vjp = jax.vjp(lambda zz, qq: _readout(zz, qq, residual_norm), zeta[-1], q)
+    _, readout_vjp = jax.vjp(lambda zz, qq: memory_output(qq, zz, residual_norm), zeta[-1], q)
     zeta_bar, q_bar = readout_vjp(y_bar.astype(zeta[-1].dtype))
     for layer in reversed(range(depth)):
         th = theta[..., layer]

@@ -89,14 +89,27 @@ def matmul_tn(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum("...km,...kn->...mn", a, b, precision=PRECISION)
 
 
-def memory_apply(weights: Weights, x: jax.Array, activation: str, residual_norm: bool) -> jax.Array:
-    """M_W(x) for x `[..., n, D]` with weights `[..., in, out]` -> `[..., n, D]`."""
+def mlp_layers(weights: Weights, x: jax.Array, activation: str) -> tuple[list[jax.Array], list[jax.Array]]:
+    """The memory MLP on x `[..., n, D]`: each layer's input `a^(l)` and pre-activation `z^(l)`
+    (`h_l = act(z^(l))` feeds the next layer; the last `z^(L)` is the MLP output)."""
     act = ACTIVATIONS[activation]
+    inputs, pre = [], []
     h = x
     for layer, w in enumerate(weights):
-        h = matmul(h, w)
-        h = act(h) if layer < len(weights) - 1 else h
-    return x + layer_norm(h) if residual_norm else h
+        inputs.append(h)
+        pre.append(matmul(h, w))
+        h = act(pre[-1]) if layer < len(weights) - 1 else h
+    return inputs, pre
+
+
+def memory_output(x: jax.Array, out: jax.Array, residual_norm: bool) -> jax.Array:
+    """M_W(x) from the MLP output `out`: `x + LN(out)` with residual_norm, else `out`."""
+    return x + layer_norm(out) if residual_norm else out
+
+
+def memory_apply(weights: Weights, x: jax.Array, activation: str, residual_norm: bool) -> jax.Array:
+    """M_W(x) for x `[..., n, D]` with weights `[..., in, out]` -> `[..., n, D]`."""
+    return memory_output(x, mlp_layers(weights, x, activation)[1][-1], residual_norm)
 
 
 def associative_loss(pred: jax.Array, v: jax.Array) -> jax.Array:
