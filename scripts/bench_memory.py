@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchlib import (BENCHMARKS, ROOT, child_main, machine_line, peak_rss_mb, progress, repeat, run_in_child,
+                      timed, write_section)
+
 PEER_SCRIPT = ROOT.parent / "shared" / "peers" / "titans_pytorch_bench.py"
-BENCHMARKS = ROOT / "BENCHMARKS.md"
 SECTION = "bench_memory"  # + "_<n>dev" for --devices n
 
 
@@ -102,14 +99,8 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
     x = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
-    best = min(_timed(lambda: f(x).block_until_ready()) for _ in range(repeats))
+    best = min(timed(lambda: f(x).block_until_ready()) for _ in range(repeats))
     return 2 * n**3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def run_case(case: dict, cfg: BenchConfig) -> dict:
@@ -147,10 +138,7 @@ def run_case(case: dict, cfg: BenchConfig) -> dict:
     mem = compiled.memory_analysis()
     run = lambda: jax.block_until_ready(compiled(params, x))
 
-    first = _timed(run)
-    times = []
-    while len(times) < cfg.iters and sum(times) < cfg.budget_s:
-        times.append(_timed(run))
+    first, times = repeat(run, cfg.iters, cfg.budget_s)
     median = statistics.median(times)
     flops = layer_flops_per_token(cfg.d_model, heads, head_dim, cfg.expansion * head_dim, cfg.depth, cfg.chunk_size)
     flops *= 3 if case["mode"] == "train" else 1
@@ -163,21 +151,15 @@ def run_case(case: dict, cfg: BenchConfig) -> dict:
         tokens_per_s=round(case["seq"] / median, 1),
         gflops=round(flops * case["seq"] / median / 1e9, 1),
         xla_temp_mb=round(mem.temp_size_in_bytes / 2**20, 1) if mem is not None else None,
-        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        peak_rss_mb=peak_rss_mb(),
     )
 
 
-def run_in_child(case: dict, cfg: BenchConfig) -> dict:
-    cmd = [sys.executable, __file__, "--child", json.dumps(case), "--child-config", json.dumps(dataclasses.asdict(cfg))]
+def run_case_child(case: dict, cfg: BenchConfig) -> dict:
     env = dict(os.environ)
     if cfg.devices > 1:  # read by XLA when the child starts
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={cfg.devices}".strip()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    return dict(case, status=f"failed: {tail[0][:200]}")
+    return run_in_child(__file__, case, dataclasses.asdict(cfg), env)
 
 
 def run_peer(cfg: BenchConfig) -> list[dict]:
@@ -220,39 +202,16 @@ def table(rows: list[dict], peer: list[dict], matmul: float) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, section: str) -> None:
-    """Replace `section` of BENCHMARKS.md atomically (temp file + rename)."""
-    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
-    old = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    block = f"{start}\n{text}\n{end}"
-    if start in old and end in old:
-        new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    with tempfile.NamedTemporaryFile("w", dir=BENCHMARKS.parent, delete=False, suffix=".tmp") as f:
-        f.write(new)
-    os.replace(f.name, BENCHMARKS)
-
-
 def main(cfg: BenchConfig) -> list[dict]:
-    import jax
-
     matmul = matmul_gflops()
     rows = []
-    try:
-        from tqdm import tqdm
-
-        progress = tqdm(cfg.cases(), desc="bench_memory", unit="case")
-    except ImportError:  # progress bar is cosmetic
-        progress = cfg.cases()
-    for case in progress:
-        rows.append(run_in_child(case, cfg))
+    for case in progress(cfg.cases(), "bench_memory"):
+        rows.append(run_case_child(case, cfg))
     peer = run_peer(cfg) if cfg.peer_python else []
     argv = " ".join(sys.argv[1:])
     header = (
         f"Command: `python scripts/bench_memory.py {argv}`  \n"
-        f"Date: {datetime.date.today()}; jax {jax.__version__}; {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs ({_cpu_name()}); float32 2048^2 matmul: {matmul:.0f} GFLOP/s  \n"
+        f"{machine_line()}; float32 2048^2 matmul: {matmul:.0f} GFLOP/s  \n"
         f"Memory layer: d_model {cfg.d_model}, chunk {cfg.chunk_size}, depth {cfg.depth}, expansion "
         f"{cfg.expansion}, batch 1, {cfg.devices} host device(s)"
         f"{' (memory heads sharded over them)' if cfg.devices > 1 else ''}. "
@@ -266,16 +225,6 @@ def main(cfg: BenchConfig) -> list[dict]:
         write_section(text, SECTION if cfg.devices == 1 else f"{SECTION}_{cfg.devices}dev")
         print(f"wrote {BENCHMARKS}")
     return rows
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
@@ -308,9 +257,6 @@ if __name__ == "__main__":
         config, raw = parse_args()
     except ValueError as e:
         sys.exit(f"bench_memory: {e}")
-    if raw.child:
-        child_cfg = json.loads(raw.child_config)
-        child_cfg = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in child_cfg.items()})
-        print("RESULT " + json.dumps(run_case(json.loads(raw.child), child_cfg)))
-    else:
+    to_config = lambda d: BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    if not child_main(sys.argv, lambda case, d: run_case(case, to_config(d))):
         main(config)

@@ -58,7 +58,7 @@ def test_shapes_state_and_defaults():
     assert [c.shape for c in state.conv] == [(B, 3, 16)] * 3
 
     init = layer.init_state(B)
-    for w, w0 in zip(init.memory.weights, layer.init_weights):
+    for w, w0 in zip(init.memory.weights, layer.memory.init_weights):
         np.testing.assert_array_equal(w, jnp.broadcast_to(w0[...], w.shape))
     assert all(not np.any(m) for m in init.memory.momentum)
     assert all(not np.any(c) for c in init.conv) and int(init.memory.offset) == 0
@@ -80,7 +80,7 @@ def test_every_param_has_logical_sharding_names():
 @pytest.mark.parametrize("per_layer_lr", [False, True])
 def test_initial_gates_are_well_conditioned(per_layer_lr):
     layer = make(per_layer_lr=per_layer_lr)
-    theta, eta, alpha = layer.gates(inputs())
+    theta, eta, alpha = layer.memory.gates(inputs())
     assert theta.shape == ((B, T, 2, 2) if per_layer_lr else (B, T, 2))
     assert eta.shape == alpha.shape == (B, T, 2)
     # theta_init 0.01 (max_lr 0.1), eta_init 0.9, alpha_init 0.02, logits spread ~0.1 by the token
@@ -172,11 +172,13 @@ def test_gradients_reach_every_parameter(case):
     names = set()
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         name = jax.tree_util.keystr(path)
-        names.add(name.split("'")[1])
+        names.add(".".join(name.split("'")[1:-1:2]))
         assert np.all(np.isfinite(g)), name
         assert np.any(g != 0), name
-    assert names >= {"q_proj", "k_proj", "v_proj", "q_conv", "k_conv", "v_conv", "w_theta", "b_theta", "w_eta",
-                     "b_eta", "w_alpha", "b_alpha", "init_weights", "norm_scale", "gate_proj", "out_proj"}
+    want = {f"memory.{p}.{leaf}" for p in "qkv" for leaf in ("proj.kernel", "conv")}
+    want |= {f"memory.{g}" for g in ("w_theta", "b_theta", "w_eta", "b_eta", "w_alpha", "b_alpha")}
+    want |= {"norm_scale", "gate_proj.kernel", "out_proj.kernel"}
+    assert names >= want and any(n.startswith("memory.init_weights") for n in names), names
 
 
 def test_bfloat16_compute_keeps_float32_memory():
@@ -195,8 +197,8 @@ def test_sow_gate_means():
     layer = make(sow_gate_means=True)
     x = inputs()
     _, intermediates = nnx.capture(layer, nnx.Intermediate)(x)
-    (means,) = intermediates["gate_means"].get_value()
-    for name, gate in zip(("theta", "eta", "alpha"), layer.gates(x)):
+    (means,) = intermediates["memory"]["gate_means"].get_value()
+    for name, gate in zip(("theta", "eta", "alpha"), layer.memory.gates(x)):
         np.testing.assert_allclose(means[name], gate.mean(), rtol=1e-6)
 
 

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     want = step(params, x)
     mesh = jax.make_mesh((4,), ("heads",), axis_types=(jax.sharding.AxisType.Auto,))
     sharded = jax.device_put(params, logical_shardings(params, mesh, {"heads": "heads"}))
-    kernel = sharded["q_proj"]["kernel"][...]
+    kernel = sharded["memory"]["q"]["proj"]["kernel"][...]
     assert kernel.sharding.spec == PartitionSpec(None, "heads"), kernel.sharding
     got = step(sharded, jax.device_put(x, NamedSharding(mesh, PartitionSpec())))
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from titans.layers import dense
+from titans.sharding import sharded_init
 
 
 def _taps(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -38,3 +44,36 @@ def _bwd(residuals, g):
 
 
 causal_depthwise_conv.defvjp(_fwd, _bwd)
+
+
+class ConvProjection(nnx.Module):
+    """`SiLU(causal_conv(x @ W))`: a linear projection followed by a causal depthwise conv.
+
+    x `[batch, seq, d_in]` -> `[batch, seq, d_out]` in the compute dtype, carrying the last
+    `kernel - 1` pre-conv rows `[batch, kernel-1, d_out]` between calls so that consecutive calls
+    equal one. The taps accumulate in float32 (or float64 when computing in it); the carried rows
+    stay in the compute dtype (the projection's output dtype, so carrying them is exact).
+    """
+
+    def __init__(self, d_in: int, d_out: int, *, kernel: int, dtype, param_dtype, rngs: nnx.Rngs,
+                 names: tuple[str | None, str | None] = ("embed", "heads")):
+        self.kernel, self.d_out, self.dtype = kernel, d_out, dtype
+        self.proj = dense(d_in, d_out, names, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # Weights [kernel, d_out]; row -1 multiplies the current token. PyTorch's Conv1d default
+        # (uniform +-1/sqrt(fan_in), fan_in = kernel for depthwise), as in Gated DeltaNet's short conv.
+        bound = 1.0 / math.sqrt(kernel)
+        init = sharded_init(lambda key, shape, dt: jax.random.uniform(key, shape, dt, -bound, bound), None, names[1])
+        self.conv = nnx.Param(init(rngs.params(), (kernel, d_out), param_dtype))
+
+    def zero_tail(self, batch_size: int) -> jax.Array:
+        return jnp.zeros((batch_size, self.kernel - 1, self.d_out), self.dtype)
+
+    def __call__(self, x: jax.Array, tail: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """x `[batch, seq, d_in]`, tail `[batch, kernel-1, d_out]` (zeros when None) -> (out, new tail)."""
+        u = self.proj(x.astype(self.dtype))
+        if tail is None:
+            tail = self.zero_tail(x.shape[0])
+        full = jnp.concatenate([tail.astype(u.dtype), u], axis=1)
+        acc = jnp.promote_types(self.dtype, jnp.float32)
+        out = causal_depthwise_conv(full.astype(acc), self.conv[...].astype(acc))
+        return jax.nn.silu(out).astype(self.dtype), full[:, full.shape[1] - (self.kernel - 1) :]

@@ -31,9 +31,10 @@ from flax import nnx
 
 from kernels.memory import IMPLS, MAX_DEPTH, MemoryState, memory_scan
 from kernels.memory.common import ACTIVATIONS
-from titans.conv import causal_depthwise_conv
+from titans.conv import ConvProjection
+from titans.layers import dense, l2_normalize, rms_norm
+from titans.sharding import sharded_init
 
-NORM_EPS = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,11 +114,6 @@ class MemoryLayerConfig:
             )
 
     @property
-    def accum_dtype(self) -> jnp.dtype:
-        """Dtype of the elementwise work (conv taps, norms): float32, or float64 when computing in it."""
-        return jnp.promote_types(self.dtype, jnp.float32)
-
-    @property
     def use_residual_norm(self) -> bool:
         return self.depth >= 2 if self.residual_norm is None else self.residual_norm
 
@@ -152,44 +148,24 @@ def _as_dtype(value) -> jnp.dtype | None:
         return None
 
 
-def _sharded(init, *names):
-    # Eager placement would need a mesh at construction; the names are for FSDP/TP mapping later.
-    return nnx.with_partitioning(init, names, eager_sharding=False)
-
-
 def _logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
-    # eps inside the rsqrt keeps the value and gradient finite for an all-zero head (SiLU can give one).
-    return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + NORM_EPS)
+class NeuralMemory(nnx.Module):
+    """The memory itself (spec section 3 up to `y`): q/k/v paths, gates, learned `W^0`, the scan.
 
-
-class MemoryLayer(nnx.Module):
-    """Titans neural-memory mixer (spec section 3): `o, state = layer(x, state)`."""
+    `y, state = memory.scan(x, state)`; `MemoryLayer` adds the output norm, gate and projection,
+    while MAG and MAC combine `y` with attention their own way (spec section 4).
+    """
 
     def __init__(self, config: MemoryLayerConfig, *, rngs: nnx.Rngs):
         self.config = cfg = config
         hd = cfg.num_heads * cfg.head_dim
-        linear = lambda n_in, n_out, names: nnx.Linear(
-            n_in, n_out, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            kernel_init=_sharded(nnx.initializers.lecun_normal(), *names), rngs=rngs,
+        path = lambda: ConvProjection(
+            cfg.d_model, hd, kernel=cfg.conv_kernel, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs
         )
-        self.q_proj = linear(cfg.d_model, hd, ("embed", "heads"))
-        self.k_proj = linear(cfg.d_model, hd, ("embed", "heads"))
-        self.v_proj = linear(cfg.d_model, hd, ("embed", "heads"))
-
-        # Depthwise causal conv weights [kernel, heads*dim]; row -1 multiplies the current token.
-        # PyTorch's Conv1d default (uniform +-1/sqrt(fan_in), fan_in = kernel for depthwise), as in
-        # Gated DeltaNet's short convolution.
-        bound = 1.0 / math.sqrt(cfg.conv_kernel)
-        conv_init = _sharded(
-            lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound), None, "heads"
-        )
-        self.q_conv, self.k_conv, self.v_conv = (
-            nnx.Param(conv_init(rngs.params(), (cfg.conv_kernel, hd), cfg.param_dtype)) for _ in range(3)
-        )
+        self.q, self.k, self.v = path(), path(), path()
 
         # Gate weights at a tenth of the fan-in std: the gates depend on the token from step 0, but
         # for a unit-RMS input the logits spread by only ~0.1 around the biases, so every token
@@ -199,8 +175,8 @@ class MemoryLayer(nnx.Module):
         theta_names = ("heads", None) if cfg.per_layer_lr else ("heads",)
 
         def gate(axes, names, init_value):
-            w = _sharded(gate_init, "embed", *names)(rngs.params(), (cfg.d_model,) + axes, cfg.param_dtype)
-            b = _sharded(nnx.initializers.constant(_logit(init_value)), *names)(
+            w = sharded_init(gate_init, "embed", *names)(rngs.params(), (cfg.d_model,) + axes, cfg.param_dtype)
+            b = sharded_init(nnx.initializers.constant(_logit(init_value)), *names)(
                 rngs.params(), axes, cfg.param_dtype
             )
             return nnx.Param(w), nnx.Param(b)
@@ -213,7 +189,7 @@ class MemoryLayer(nnx.Module):
         self.w_alpha, self.b_alpha = gate((cfg.num_heads,), ("heads",), cfg.alpha_init)
 
         # W^0 per head [heads, in, out]; fan-in scale treating heads as a batch axis.
-        mem_init = _sharded(
+        mem_init = sharded_init(
             nnx.initializers.variance_scaling(
                 1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
             ),
@@ -224,33 +200,11 @@ class MemoryLayer(nnx.Module):
             for n_in, n_out in cfg.memory_shapes()
         )
 
-        # Per-head RMSNorm (gain [heads, dim]): each head is a separate retrieval whose scale depends
-        # on its own memory and gates (a plain linear memory has no LN inside), so normalising heads
-        # separately keeps one loud head from drowning the others, as in Gated DeltaNet's per-head
-        # output norm; it also needs no reduction across a heads-sharded (TP) axis.
-        norm_init = _sharded(nnx.initializers.ones, "heads", None)
-        self.norm_scale = nnx.Param(norm_init(rngs.params(), (cfg.num_heads, cfg.head_dim), cfg.param_dtype))
-        self.gate_proj = linear(cfg.d_model, hd, ("embed", "heads"))
-        self.out_proj = linear(hd, cfg.d_model, ("heads", "embed"))
-
     def init_state(self, batch_size: int) -> MemoryLayerState:
         """Learned W^0 broadcast over the batch, zero momentum, zero conv tails, offset 0."""
         weights = tuple(jnp.broadcast_to(w[...], (batch_size,) + w.shape) for w in self.init_weights)
-        return MemoryLayerState(MemoryState.create(weights), self._zero_tails(batch_size))
-
-    def _zero_tails(self, batch_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-        cfg = self.config
-        tail = jnp.zeros((batch_size, cfg.conv_kernel - 1, cfg.num_heads * cfg.head_dim), cfg.dtype)
-        return tail, tail, tail
-
-    def _conv(self, u: jax.Array, tail: jax.Array, weight: nnx.Param) -> tuple[jax.Array, jax.Array]:
-        """Causal depthwise conv of u `[batch, seq, heads*dim]` after `tail`; returns (out, new tail)."""
-        kernel = self.config.conv_kernel
-        full = jnp.concatenate([tail.astype(u.dtype), u], axis=1)
-        acc = self.config.accum_dtype
-        # Taps accumulate in float32; the carried inputs stay in the compute dtype.
-        out = causal_depthwise_conv(full.astype(acc), weight[...].astype(acc))
-        return out, full[:, full.shape[1] - (kernel - 1) :]
+        tails = tuple(path.zero_tail(batch_size) for path in (self.q, self.k, self.v))
+        return MemoryLayerState(MemoryState.create(weights), tails)
 
     def project(self, x: jax.Array, conv=None):
         """q, k, v `[batch, seq, heads, dim]` (compute dtype; q, k unit-norm) and the new conv tails.
@@ -258,19 +212,15 @@ class MemoryLayer(nnx.Module):
         x: `[batch, seq, d_model]`; conv: the carried tails (zeros when None, i.e. sequence start).
         """
         cfg = self.config
-        x = x.astype(cfg.dtype)
-        if conv is None:
-            conv = self._zero_tails(x.shape[0])
+        conv = (None, None, None) if conv is None else conv
         heads = (x.shape[0], x.shape[1], cfg.num_heads, cfg.head_dim)
-        projs = (self.q_proj, self.k_proj, self.v_proj)
         outs, tails = [], []
-        for proj, weight, tail in zip(projs, (self.q_conv, self.k_conv, self.v_conv), conv):
-            out, new_tail = self._conv(proj(x), tail, weight)
-            outs.append(jax.nn.silu(out).reshape(heads))
+        for path, tail in zip((self.q, self.k, self.v), conv):
+            out, new_tail = path(x, tail)
+            outs.append(out.reshape(heads))
             tails.append(new_tail)
         q, k, v = outs
-        q, k = _l2_normalize(q), _l2_normalize(k)
-        return q.astype(cfg.dtype), k.astype(cfg.dtype), v.astype(cfg.dtype), tuple(tails)
+        return l2_normalize(q), l2_normalize(k), v, tuple(tails)
 
     def gates(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """theta `[batch, seq, heads]` (`[..., heads, depth]` with per_layer_lr); eta, alpha `[batch, seq, heads]`.
@@ -289,9 +239,9 @@ class MemoryLayer(nnx.Module):
         return theta, eta, alpha
 
     def scan(self, x: jax.Array, state: MemoryLayerState | None = None) -> tuple[jax.Array, MemoryLayerState]:
-        """The memory's retrieval `y [batch, seq, heads, dim]` (compute dtype) before the output norm and gate.
+        """The retrieval `y [batch, seq, heads, dim]` (compute dtype) and the new state.
 
-        x: `[batch, seq, d_model]`. Variants that gate differently (MAG) use this directly.
+        x: `[batch, seq, d_model]`; `state=None` starts from `init_state(batch)`.
         """
         cfg = self.config
         if state is None:
@@ -300,12 +250,36 @@ class MemoryLayer(nnx.Module):
         theta, eta, alpha = self.gates(x)
         if cfg.sow_gate_means:
             self.sow(nnx.Intermediate, "gate_means", {"theta": theta.mean(), "eta": eta.mean(), "alpha": alpha.mean()})
+        # One token (decode) costs one gradient in the token loop but a whole chunk (two with a
+        # traced offset) in the chunk form; both compute the same numbers (spec section 2).
+        impl = "reference" if cfg.impl == "auto" and x.shape[1] == 1 else cfg.impl
         y, memory = memory_scan(
             state.memory, q, k, v, theta, eta, alpha,
             chunk_size=cfg.chunk_size, activation=cfg.activation, residual_norm=cfg.use_residual_norm,
-            read_before_write=cfg.read_before_write, impl=cfg.impl,
+            read_before_write=cfg.read_before_write, impl=impl,
         )
-        return y, MemoryLayerState(memory, conv)
+        return y.astype(cfg.dtype), MemoryLayerState(memory, conv)
+
+
+class MemoryLayer(nnx.Module):
+    """Titans neural-memory mixer (spec section 3): `o, state = layer(x, state)`."""
+
+    def __init__(self, config: MemoryLayerConfig, *, rngs: nnx.Rngs):
+        self.config = cfg = config
+        hd = cfg.num_heads * cfg.head_dim
+        self.memory = NeuralMemory(cfg, rngs=rngs)
+        # Per-head RMSNorm (gain [heads, dim]): each head is a separate retrieval whose scale depends
+        # on its own memory and gates (a plain linear memory has no LN inside), so normalising heads
+        # separately keeps one loud head from drowning the others, as in Gated DeltaNet's per-head
+        # output norm; it also needs no reduction across a heads-sharded (TP) axis.
+        norm_init = sharded_init(nnx.initializers.ones, "heads", None)
+        self.norm_scale = nnx.Param(norm_init(rngs.params(), (cfg.num_heads, cfg.head_dim), cfg.param_dtype))
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.gate_proj = dense(cfg.d_model, hd, ("embed", "heads"), **kw)
+        self.out_proj = dense(hd, cfg.d_model, ("heads", "embed"), **kw)
+
+    def init_state(self, batch_size: int) -> MemoryLayerState:
+        return self.memory.init_state(batch_size)
 
     def __call__(self, x: jax.Array, state: MemoryLayerState | None = None) -> tuple[jax.Array, MemoryLayerState]:
         """x `[batch, seq, d_model]` -> (o `[batch, seq, d_model]` in the compute dtype, new state).
@@ -314,9 +288,7 @@ class MemoryLayer(nnx.Module):
         state equal one call on their concatenation.
         """
         cfg = self.config
-        y, state = self.scan(x, state)
-        y = y.astype(cfg.accum_dtype)
-        y = y * jax.lax.rsqrt(jnp.mean(jnp.square(y), axis=-1, keepdims=True) + NORM_EPS)
-        y = (y * self.norm_scale[...].astype(cfg.accum_dtype)).astype(cfg.dtype)
+        y, state = self.memory.scan(x, state)
+        y = rms_norm(y, self.norm_scale[...]).astype(cfg.dtype)
         y = y.reshape(y.shape[:2] + (-1,)) * jax.nn.sigmoid(self.gate_proj(x.astype(cfg.dtype)))
         return self.out_proj(y), state

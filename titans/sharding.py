@@ -9,6 +9,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
+def sharded_init(init, *names: str | None):
+    """`init` with logical axis names in its metadata. Placement is not eager, so modules build
+    without a mesh; `logical_shardings` maps the names onto one later."""
+    return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
 def logical_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, str | None]) -> nnx.State:
     """A `NamedSharding` per parameter: each logical name becomes the mesh axis `rules` gives it
     (names absent from `rules`, and parameters without names, are replicated)."""

@@ -1,0 +1,99 @@
+"""What the benchmark scripts share: child processes (so a case's peak RSS is its own), timing,
+the machine line and the atomic update of a BENCHMARKS.md section."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def repeat(fn: Callable[[], object], iters: int, budget_s: float) -> tuple[float, list[float]]:
+    """The first call's time (compile excluded only if `fn` is precompiled), then up to `iters`
+    timed calls while their total stays under `budget_s` (at least one)."""
+    first = timed(fn)
+    times: list[float] = []
+    while len(times) < iters and sum(times) < budget_s:
+        times.append(timed(fn))
+    return first, times
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def run_in_child(script: str, case: dict, config: dict, env: dict | None = None) -> dict:
+    """Run `script --child CASE --child-config CONFIG` and return the dict it prints after `RESULT `."""
+    cmd = [sys.executable, script, "--child", json.dumps(case), "--child-config", json.dumps(config)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return dict(case, status=f"failed: {tail[0][:200]}")
+
+
+def progress(items: Iterable, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bar is cosmetic
+        return items
+    return tqdm(list(items), desc=desc, unit="case")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def machine_line() -> str:
+    import jax
+
+    return (f"Date: {datetime.date.today()}; jax {jax.__version__}; {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPUs ({cpu_name()})")
+
+
+def write_section(text: str, section: str) -> None:
+    """Replace `section` of BENCHMARKS.md atomically (temp file + rename)."""
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+    old = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    block = f"{start}\n{text}\n{end}"
+    if start in old and end in old:
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    with tempfile.NamedTemporaryFile("w", dir=BENCHMARKS.parent, delete=False, suffix=".tmp") as f:
+        f.write(new)
+    os.replace(f.name, BENCHMARKS)
+
+
+def child_main(argv: list[str], run_case: Callable[[dict, dict], dict]) -> bool:
+    """If argv asks for a child case, run it, print its RESULT line and return True."""
+    if "--child" not in argv:
+        return False
+    case = json.loads(argv[argv.index("--child") + 1])
+    config = json.loads(argv[argv.index("--child-config") + 1])
+    print("RESULT " + json.dumps(run_case(case, config)))
+    return True

@@ -1,0 +1,20 @@
+"""`lmm`: the neural memory layer only (spec section 3)."""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from titans.layers import RMSNorm
+from titans.memory_layer import MemoryLayer
+
+
+class LMM(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        self.norm = RMSNorm(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+        self.memory = MemoryLayer(cfg.memory_config(), rngs=rngs)
+
+    def init_state(self, batch_size: int):
+        return self.memory.init_state(batch_size)
+
+    def __call__(self, x, state, start, plan=None):
+        return self.memory(self.norm(x), state)

@@ -1,0 +1,138 @@
+"""`TitansLM`: embedding, `n_layers` pre-norm blocks (mixer + SwiGLU), final RMSNorm, head (spec section 4).
+
+    logits = model(tokens)                         # parallel forward, [batch, seq] -> [batch, seq, vocab]
+    state = model.init_state(batch)                # fixed-size streaming state
+    logits, state = model.extend(tokens, state)    # any piece length >= 1; equals the parallel pass
+
+`run(tokens, state, plan)` is the pure form of both (usable under `jax.jit` / `nnx.jit`); `extend`
+is its eager convenience, compiled once per piece shape and MAC segment plan.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from titans.config import ModelConfig
+from titans.layers import RMSNorm, SwiGLU, dense
+from titans.mixers import MIXERS, segment_plan
+from titans.sharding import sharded_init
+
+
+class ModelState(NamedTuple):
+    """Everything streaming carries: the absolute position (int32 `[]`) and each block's mixer state."""
+
+    position: jax.Array
+    layers: tuple[Any, ...]
+
+
+class Block(nnx.Module):
+    """`x += mixer(x); x += SwiGLU(RMSNorm(x))` (the mixer applies its own pre-norms)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+        self.mixer = MIXERS[cfg.variant](cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, **kw)
+        self.mlp = SwiGLU(cfg.d_model, cfg.hidden_dim, **kw)
+
+    def __call__(self, x, state, start, plan):
+        delta, state = self.mixer(x, state, start, plan)
+        x = x + delta
+        return x + self.mlp(self.mlp_norm(x)), state
+
+
+class TitansLM(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig (see titans.load_preset), got {type(config).__name__}")
+        self.config = cfg = config
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+        # std 0.02 (GPT-2 / Llama): with a tied head the logits start at std ~0.02 * sqrt(d_model).
+        self.embed = nnx.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+            embedding_init=sharded_init(nnx.initializers.normal(0.02), "vocab", "embed"), rngs=rngs,
+        )
+        self.blocks = nnx.List(Block(cfg, rngs=rngs) for _ in range(cfg.n_layers))
+        self.final_norm = RMSNorm(cfg.d_model, **kw)
+        self.head = None if cfg.tie_embeddings else dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), **kw)
+
+    def init_state(self, batch_size: int) -> ModelState:
+        """The state before any token: position 0, each mixer's initial state."""
+        return ModelState(np.zeros((), np.int32), tuple(b.mixer.init_state(batch_size) for b in self.blocks))
+
+    def plan(self, start, length: int) -> tuple[int, ...] | None:
+        """MAC's split of `length` tokens at segment boundaries (None for the other variants).
+
+        Needs a concrete `start`: under `jit` pass `plan=` to `run` yourself.
+        """
+        if self.config.variant != "mac":
+            return None
+        if isinstance(start, jax.core.Tracer):
+            raise ValueError(
+                "MAC splits a piece at segment boundaries, which needs a concrete state.position: call extend "
+                "outside jit, or pass plan=segment_plan(position, length, segment_len) to run"
+            )
+        return segment_plan(int(start), length, self.config.segment_len)
+
+    def run(self, tokens: jax.Array, state: ModelState | None = None,
+            plan: tuple[int, ...] | None = None) -> tuple[jax.Array, ModelState]:
+        """tokens `[batch, seq]` int -> (logits `[batch, seq, vocab]` float32, state after them).
+
+        `state=None` is a sequence start without a carried attention window (the training pass).
+        """
+        cfg = self.config
+        if tokens.ndim != 2 or tokens.shape[1] < 1:
+            raise ValueError(f"tokens must be [batch, seq] with seq >= 1, got shape {tokens.shape}")
+        start = 0 if state is None else state.position
+        if plan is None:
+            plan = self.plan(start, tokens.shape[1])
+        layer_states = (None,) * cfg.n_layers if state is None else state.layers
+        x = self.embed(tokens)
+        new_states = []
+        for block, layer_state in zip(self.blocks, layer_states):
+            x, layer_state = block(x, layer_state, start, plan)
+            new_states.append(layer_state)
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.head is None else self.head(x)
+        position = jnp.asarray(start, jnp.int32) + tokens.shape[1]
+        return logits.astype(jnp.float32), ModelState(position, tuple(new_states))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """The parallel forward pass from a sequence start: tokens `[batch, seq]` -> logits `[batch, seq, vocab]`."""
+        return self.run(tokens)[0]
+
+    def extend(self, tokens, state: ModelState) -> tuple[jax.Array, ModelState]:
+        """Consume `tokens [batch, n]` (n >= 1) after `state`; returns their logits and the new state.
+
+        Prefill in large pieces, decode one token at a time: the result equals the parallel pass
+        over the whole stream, and the state's size never changes. Compiled once per piece shape
+        (and MAC segment plan); call it eagerly, not under `jit` (use `run` there).
+        """
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2 or tokens.shape[1] < 1 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be an int array [batch, n] with n >= 1, got {tokens.dtype}{list(tokens.shape)}")
+        if not isinstance(state, ModelState):
+            raise ValueError(f"state must be the ModelState of init_state / extend, got {type(state).__name__}")
+        state_batch = jax.tree.leaves(state.layers)[0].shape[0]
+        if state_batch != tokens.shape[0]:
+            raise ValueError(f"state is for batch {state_batch}, tokens have batch {tokens.shape[0]}: "
+                             "make the state with init_state(batch)")
+        graphdef, params = nnx.split(self)
+        plan = self.plan(int(state.position), tokens.shape[1])
+        return _run(graphdef, params, tokens, state, plan)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _run(graphdef, params, tokens, state, plan):
+    return nnx.merge(graphdef, params).run(tokens, state, plan)
+
+
+def count_params(config: ModelConfig) -> int:
+    """Parameter count of a `TitansLM` for `config`, from shapes only (`nnx.eval_shape`: nothing allocated)."""
+    abstract = nnx.eval_shape(lambda: TitansLM(config, rngs=nnx.Rngs(0)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
