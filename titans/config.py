@@ -47,7 +47,7 @@ class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the field and the fix."""
 
 
-def _check_field_types(obj, section: str) -> None:
+def check_field_types(obj, section: str) -> None:
     """Each field's value against its annotation (`int`, `float`, `bool`, `str`, `X | None`)."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
@@ -68,7 +68,7 @@ def _check_field_types(obj, section: str) -> None:
             object.__setattr__(obj, f.name, float(value))
 
 
-def _positive(obj, section: str, *names: str) -> None:
+def check_positive(obj, section: str, *names: str) -> None:
     for name in names:
         if getattr(obj, name) < 1:
             raise ConfigError(f"{section}.{name} must be >= 1, got {getattr(obj, name)!r}")
@@ -137,14 +137,14 @@ class ModelConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self):
-        _check_field_types(self, "model")
+        check_field_types(self, "model")
         if self.variant not in VARIANTS:
             raise ConfigError(f"model.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
-        _positive(self, "model", "vocab_size", "d_model", "n_layers", "attn_heads", "window", "attn_block",
+        check_positive(self, "model", "vocab_size", "d_model", "n_layers", "attn_heads", "window", "attn_block",
                   "segment_len")
         for name in ("ffn_dim", "attn_head_dim"):
             if getattr(self, name) is not None:
-                _positive(self, "model", name)
+                check_positive(self, "model", name)
         if self.n_persistent < 0:
             raise ConfigError(f"model.n_persistent must be >= 0, got {self.n_persistent}")
         if self.rope_base <= 1:

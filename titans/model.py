@@ -61,6 +61,16 @@ class TitansLM(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, **kw)
         self.head = None if cfg.tie_embeddings else dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), **kw)
 
+    @classmethod
+    def from_pretrained(cls, folder) -> TitansLM:
+        """A model from a folder written by `titans.pretrained.save_pretrained` (scripts/export.py)."""
+        from titans.config import from_dict
+        from titans.pretrained import load_params, read_config
+
+        model = cls(from_dict(ModelConfig, read_config(folder)["model"], "model"), rngs=nnx.Rngs(0))
+        load_params(model, folder)
+        return model
+
     def init_state(self, batch_size: int) -> ModelState:
         """The state before any token: position 0, each mixer's initial state."""
         return ModelState(np.zeros((), np.int32), tuple(b.mixer.init_state(batch_size) for b in self.blocks))

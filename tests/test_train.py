@@ -1,0 +1,209 @@
+"""Training: the data pipeline is deterministic and splits without overlap; a resume after SIGTERM
+gives bit-identical losses; a partial or corrupt checkpoint falls back to the previous one; bad runs
+fail with one line and overwrite nothing. Tiny preset on a text made here."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train.config import DataConfig, load_run_config
+from train.data import corpus, pipeline
+from train.data.tokenizer import ByteTokenizer
+from train.trainer import TrainError, load_split, train
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 60  # long enough (20 checkpoints) that the signal lands mid-run
+WORDS = "the memory writes what surprises it and forgets what it no longer needs while attention reads".split()
+
+
+@pytest.fixture(scope="module")
+def text_corpus(tmp_path_factory) -> Path:
+    """40 small documents: train/ and valid/ folders of .txt and .jsonl."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 30), ("valid", 4)):
+        (root / split).mkdir()
+        for i in range(count):
+            words = rng.choice(WORDS, size=int(rng.integers(60, 200)))
+            (root / split / f"doc{i:02d}.txt").write_text(" ".join(words) + ".\n")
+    rows = [json.dumps({"text": " ".join(rng.choice(WORDS, size=80))}) for _ in range(6)]
+    (root / "train" / "more.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def overrides(text_corpus: Path, **train) -> list[str]:
+    fields = dict(seq_len=32, batch_size=2, log_every=1, eval_every=4, eval_batches=2, checkpoint_every=3,
+                  sample_tokens=0, warmup_steps=2) | train
+    return [f"data.corpus={text_corpus}", "model.variant=mac"] + [f"train.{k}={v}" for k, v in fields.items()]
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_pipeline_is_deterministic_and_sharded(text_corpus):
+    tok = ByteTokenizer()
+    texts = [t for _, t in corpus.read_documents(text_corpus / "train")]
+    assert len(texts) == 36  # 30 .txt + 6 .jsonl lines
+    tokens = pipeline.pack(texts, tok, seed=3)
+    assert np.array_equal(tokens, pipeline.pack(texts, tok, seed=3))
+    assert not np.array_equal(tokens, pipeline.pack(texts, tok, seed=4))
+    assert np.sum(tokens == tok.EOS) == len(texts) and tok.decode(tokens).count(".") >= 30
+
+    def batches(seed, shard=0, count=1, n=6):
+        it = iter(pipeline.train_dataset(tokens, seq_len=16, batch_size=2, seed=seed, shard_index=shard,
+                                         shard_count=count))
+        return [next(it) for _ in range(n)]
+
+    a, b = batches(0), batches(0)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, batches(1)))
+    # Two shards take disjoint windows.
+    starts = lambda bs: {bytes(w[:8].astype(np.uint16)) for b in bs for w in b}
+    assert not starts(batches(0, 0, 2, 3)) & starts(batches(0, 1, 2, 3))
+    # A flat folder is split by document: every document in exactly one side.
+    flat = [t for _, t in corpus.read_documents(text_corpus / "train")]
+    train_texts, valid_texts = load_split(DataConfig(corpus=str(text_corpus / "train")), log=print)
+    assert sorted(train_texts + valid_texts) == sorted(flat) and len(valid_texts) == 2
+    assert not set(train_texts) & set(valid_texts)
+
+
+def test_read_documents_rejects_bad_jsonl(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"body": "no text key"}\n')
+    with pytest.raises(corpus.CorpusError, match="a.jsonl:2"):
+        corpus.read_documents(tmp_path)
+
+
+def test_resume_after_sigterm_is_bit_exact(text_corpus, tmp_path):
+    run = load_run_config("tiny", overrides(text_corpus))
+    whole = tmp_path / "whole"
+    train(run, whole, steps=STEPS, progress=False, log=lambda s: None)
+    want = losses(whole)
+    assert sorted(want) == list(range(1, STEPS + 1))
+
+    # The same run in a child process, stopped by SIGTERM once it has logged step 4.
+    cut = tmp_path / "cut"
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.environ.get(
+        "JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/titans-jax/jax-cache")))
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", "tiny", "--out", str(cut), "--steps",
+           str(STEPS), "--no-progress"] + [a for o in overrides(text_corpus) for a in ("--set", o)]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and child.poll() is None:
+        if (cut / "metrics.jsonl").is_file() and len(losses(cut)) >= 4:
+            child.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    stdout, stderr = child.communicate(timeout=300)
+    assert child.returncode == 0, stderr[-2000:]
+    assert "stopped by SIGTERM" in stdout + stderr
+    stopped_at = max(losses(cut))
+    assert stopped_at < STEPS, "the child finished before the signal: make the run longer"
+
+    summary = train(run, cut, steps=STEPS, progress=False, log=lambda s: None)
+    assert summary["status"] == "done" and summary["step"] == STEPS
+    got = losses(cut)
+    for step in range(1, STEPS + 1):
+        assert got[step] == want[step], (step, got[step], want[step])
+
+
+def test_partial_and_corrupt_checkpoints_fall_back(text_corpus, tmp_path):
+    run = load_run_config("tiny", overrides(text_corpus))
+    out = tmp_path / "run"
+    train(run, out, steps=6, progress=False, log=lambda s: None)  # checkpoints at 3 and 6
+    want = losses(out)
+    ckpt = out / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.isdigit()) == ["3", "6"]
+    # A save killed mid-way leaves only a tmp folder: ignored.
+    (ckpt / "9.orbax-checkpoint-tmp").mkdir()
+    # The newest good one is corrupted: every file in it truncated.
+    for path in (ckpt / "6").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    messages = []
+    summary = train(run, out, steps=6, progress=False, log=messages.append)
+    assert any("step 6 is unreadable" in m for m in messages), messages
+    assert any("resumed from step 3" in m for m in messages), messages
+    assert summary["step"] == 6
+    got = losses(out)  # steps 4-6 were trained again from step 3: same losses
+    assert all(got[s] == want[s] for s in (4, 5, 6))
+
+
+def test_bad_runs_fail_with_one_line_and_keep_the_run(text_corpus, tmp_path):
+    out = tmp_path / "run"
+    train(load_run_config("tiny", overrides(text_corpus)), out, steps=3, progress=False, log=lambda s: None)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    other = load_run_config("tiny", overrides(text_corpus) + ["model.window=8"])
+    with pytest.raises(TrainError, match=r"different model config \(model.window") as err:
+        train(other, out, steps=3, progress=False, log=lambda s: None)
+    assert "\n" not in str(err.value)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "valid").mkdir()
+    with pytest.raises(TrainError, match="no training documents"):
+        train(load_run_config("tiny", [f"data.corpus={empty}"]), tmp_path / "r2", steps=1, progress=False)
+    with pytest.raises(corpus.CorpusError, match="does not exist"):
+        train(load_run_config("tiny", [f"data.corpus={tmp_path / 'nope'}"]), tmp_path / "r3", steps=1, progress=False)
+
+
+def test_script_reports_config_errors_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", "tiny", "--out",
+                           str(tmp_path / "r"), "--set", "model.bogus=1"], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == ["train: unknown key model.bogus (known keys: " +
+                                                proc.stderr.split("known keys: ")[1].strip()]
+    assert not (tmp_path / "r").exists()
+
+
+def test_export_load_generate(text_corpus, tmp_path):
+    import jax
+
+    from titans.model import TitansLM
+    from titans.pretrained import save_pretrained
+    from train.trainer import load_trained_model
+
+    run_dir = tmp_path / "run"
+    train(load_run_config("tiny", overrides(text_corpus)), run_dir, steps=3, progress=False, log=lambda s: None)
+    trained, run = load_trained_model(run_dir)
+    tokens = jax.random.randint(jax.random.key(0), (2, 40), 0, 256)
+    want = np.asarray(trained(tokens))
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), "--checkpoint", str(run_dir),
+                           "--out", str(tmp_path / "f32")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "f32").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = TitansLM.from_pretrained(tmp_path / "f32")
+    assert np.array_equal(np.asarray(loaded(tokens)), want)  # float32 export: identical logits
+
+    save_pretrained(trained, tmp_path / "bf16", dtype="bfloat16")
+    half = TitansLM.from_pretrained(tmp_path / "bf16")
+    assert np.max(np.abs(np.asarray(half(tokens)) - want)) < 0.05 * np.max(np.abs(want))
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_pretrained(trained, tmp_path / "bf16")
+
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--model", str(tmp_path / "f32"),
+                           "--prompt", "the memory", "--max-new-tokens", "12"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("the memory") and "tokens/s" in proc.stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_corpus, tmp_path):
+    out = tmp_path / "run"
+    good = load_run_config("tiny", overrides(text_corpus))
+    train(good, out, steps=3, progress=False, log=lambda s: None)  # checkpoint at step 3
+    exploding = load_run_config("tiny", overrides(text_corpus, lr=1e9, warmup_steps=0))
+    with pytest.raises(TrainError, match=r"loss is (nan|inf) at step \d+; stopped without saving. Last good checkpoint: step 3"):
+        train(exploding, out, steps=40, progress=False, log=lambda s: None)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit())[-1] == "3"

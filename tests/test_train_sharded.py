@@ -1,0 +1,46 @@
+"""A training step on a 4-device ("data" 2 x "fsdp" 2) CPU mesh equals the one-device step.
+Runs in a subprocess: the device count is fixed when JAX starts."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    import titans
+    from train.config import TrainConfig
+    from train.trainer import global_batch, make_mesh, make_optimizer, shard_model, train_step
+
+    assert jax.device_count() == 4, jax.devices()
+    cfg = titans.load_preset("tiny", variant="mac")
+    batch = np.random.default_rng(0).integers(0, 256, (4, 33)).astype(np.int32)
+
+    def run(mesh):
+        model = titans.TitansLM(cfg, rngs=nnx.Rngs(0))
+        if mesh is not None:
+            shard_model(model, mesh)
+        opt = nnx.Optimizer(model, make_optimizer(TrainConfig(steps=10, warmup_steps=1))[0], wrt=nnx.Param)
+        x = jnp.asarray(batch) if mesh is None else global_batch(batch, mesh)
+        out = [train_step(model, opt, x) for _ in range(2)]
+        return [float(v) for pair in out for v in pair], model, x
+
+    (l1, m1, _), (l4, m4, x4) = run(None), run(make_mesh(fsdp=2))
+    kernel = m4.embed.embedding[...]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp"), kernel.sharding
+    assert x4.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp")), x4.sharding
+    # [loss, grad norm] of step 1, then of step 2 (after one AdamW update, whose per-element
+    # m / sqrt(v) turns reduction-order noise in near-zero gradients into sign noise: losses only).
+    for i, tol in enumerate((1e-6, 1e-5, 1e-5, 1e-5)):
+        assert abs(l4[i] - l1[i]) <= tol * abs(l1[i]), (i, l1, l4)
+    print("OK", l1, l4)
+    """
+)
+
+
+def test_sharded_train_step_matches_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

@@ -1,0 +1,84 @@
+"""Typed `train` and `data` sections of a preset, and the whole run configuration.
+
+`load_run_config("small", ["model.variant=swa", "train.steps=100"])` reads the same YAML files and
+overrides as `titans.load_preset`; unknown keys and wrong types fail with one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+from titans.config import ConfigError, ModelConfig, check_field_types, check_positive, from_dict, read_config
+from train.data.tokenizer import TOKENIZERS
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping. AdamW with linear warmup then cosine decay to
+    `lr * min_lr_ratio`; weight decay on matrices only; global-norm clipping."""
+
+    seq_len: int = 512
+    batch_size: int = 8
+    steps: int = 2000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    sample_tokens: int = 200
+    sample_prompt: str = "The "
+    fsdp: int = 1  # devices on the mesh's "fsdp" axis (parameters sharded); the rest is the "data" axis
+
+    def __post_init__(self):
+        check_field_types(self, "train")
+        check_positive(self, "train", "seq_len", "batch_size", "steps", "log_every", "eval_every", "eval_batches",
+                       "checkpoint_every", "keep_checkpoints", "fsdp")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.lr must be > 0 and train.min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip <= 0 or self.sample_tokens < 0:
+            raise ConfigError("train.warmup_steps, weight_decay, sample_tokens must be >= 0 and grad_clip > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """`corpus`: "default" (the offline corpus of train/data/corpus.py) or a folder of `.txt` / `.jsonl`
+    documents; a folder with `train/` and `valid/` subfolders uses them as the split, otherwise every
+    20th document (sorted by path) is held out."""
+
+    corpus: str = "default"
+    tokenizer: str = "byte"
+
+    def __post_init__(self):
+        check_field_types(self, "data")
+        if self.tokenizer not in TOKENIZERS:
+            raise ConfigError(f"data.tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    train: TrainConfig
+    data: DataConfig
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_run_config(config: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    return load_run_config_dict(read_config(config, overrides))
+
+
+def load_run_config_dict(values: dict) -> RunConfig:
+    """A `RunConfig` from its `to_dict()` (a run folder's run.json)."""
+    return RunConfig(from_dict(ModelConfig, values["model"], "model"), from_dict(TrainConfig, values["train"], "train"),
+                     from_dict(DataConfig, values["data"], "data"))

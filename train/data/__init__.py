@@ -1,0 +1,1 @@
+"""Training data: the offline corpus, the byte tokenizer and the grain pipeline."""

@@ -1,0 +1,51 @@
+"""Documents -> tokens -> packed fixed-length training windows, as a grain pipeline.
+
+Documents are shuffled with the seed, encoded and concatenated with an EOS after each (the
+boundaries stay marked; memory and attention run across them, spec section 4). The stream is cut
+into windows of `seq_len + 1` tokens (inputs and shifted targets) at a stride of `seq_len`. grain
+shuffles the windows per epoch with the seed, shards them over processes, batches and prefetches;
+the iterator's state (`get_state` / `set_state`) is saved with every checkpoint, so a resumed run
+sees exactly the batches the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+from train.data.tokenizer import ByteTokenizer
+
+
+def pack(texts: list[str], tokenizer: ByteTokenizer, seed: int | None) -> np.ndarray:
+    """One uint16 token stream: documents in a seeded order (as given when seed is None), EOS after each."""
+    order = np.arange(len(texts)) if seed is None else np.random.default_rng(seed).permutation(len(texts))
+    eos = np.array([tokenizer.EOS], np.uint16)
+    return np.concatenate([part for i in order for part in (tokenizer.encode(texts[i]), eos)])
+
+
+def windows(tokens: np.ndarray, seq_len: int) -> grain.MapDataset:
+    """Window i = tokens[i*seq_len : i*seq_len + seq_len + 1] (int32)."""
+    count = (len(tokens) - 1) // seq_len
+    if count < 1:
+        raise ValueError(f"{len(tokens)} tokens cannot fill one window of seq_len + 1 = {seq_len + 1}")
+    return grain.MapDataset.range(count).map(lambda i: tokens[i * seq_len : i * seq_len + seq_len + 1].astype(np.int32))
+
+
+def train_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, shard_index: int = 0,
+                  shard_count: int = 1, prefetch: int = 4) -> grain.IterDataset:
+    """Endless batches `[batch_size, seq_len + 1]` of shuffled windows (reshuffled every epoch),
+    this process's shard of them."""
+    count = (len(tokens) - 1) // seq_len
+    order = grain.MapDataset.range(count).shuffle(seed=seed)[shard_index::shard_count]
+    if len(order) < batch_size:
+        raise ValueError(f"this shard has {len(order)} windows of {seq_len + 1} tokens, fewer than batch_size "
+                         f"{batch_size}: use more text or a smaller train.seq_len / train.batch_size")
+    ds = order.repeat(None).map(lambda i: tokens[i * seq_len : i * seq_len + seq_len + 1].astype(np.int32))
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+
+
+def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int) -> list[np.ndarray]:
+    """The first `max_batches` batches of consecutive windows of the held-out stream (fixed every time)."""
+    ds = windows(tokens, seq_len).batch(batch_size, drop_remainder=True)
+    return [ds[i] for i in range(min(len(ds), max_batches))]

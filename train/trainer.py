@@ -1,0 +1,345 @@
+"""The training loop: data, AdamW, a jitted step, metrics, evaluation, checkpoints and resume.
+
+`train(run, out)` trains `run.model` on `run.data` for `run.train.steps` steps (or `steps=`),
+writing under `out`:
+    run.json          the run configuration (a resume must use the same model config)
+    metrics.jsonl     one JSON line per logged step (and per evaluation)
+    tb/               TensorBoard event files (tensorboardX)
+    checkpoints/      orbax: the last `keep_checkpoints` steps (params, optimizer, data iterator, RNG)
+    best/             the parameters with the lowest held-out loss so far
+Rerunning with the same `out` resumes from the newest readable checkpoint; the losses after a resume
+equal those of an uninterrupted run to the last bit on CPU. SIGTERM / SIGINT save and return.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from titans.model import TitansLM
+from titans.sampling import generate
+from titans.sharding import logical_shardings
+from train.config import RunConfig
+from train.data import corpus, pipeline
+from train.data.tokenizer import get_tokenizer
+
+RUN_FILE = "run.json"
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue; the message is one line saying why and what to do."""
+
+
+def _mark_absl_flags_parsed() -> None:
+    # grain reads absl flags in its workers; unparsed flags raise there (google/grain#1355).
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def load_split(data_cfg, log: Callable[[str], None]) -> tuple[list[str], list[str]]:
+    """Training and held-out document texts."""
+    if data_cfg.corpus == "default":
+        root = corpus.ensure(log=log)
+        train_docs, valid_docs = corpus.read_documents(root / "train"), corpus.read_documents(root / "valid")
+    else:
+        root = Path(data_cfg.corpus).expanduser()
+        if (root / "train").is_dir() and (root / "valid").is_dir():
+            train_docs, valid_docs = corpus.read_documents(root / "train"), corpus.read_documents(root / "valid")
+        else:
+            docs = corpus.read_documents(root)
+            train_docs = [d for i, d in enumerate(docs) if i % 20]
+            valid_docs = [d for i, d in enumerate(docs) if not i % 20]
+    if not train_docs:
+        raise TrainError(f"corpus {root} has no training documents (.txt or .jsonl): add text or fix data.corpus")
+    if not valid_docs:
+        raise TrainError(f"corpus {root} has no held-out documents: add a valid/ folder or more documents")
+    return [t for _, t in train_docs], [t for _, t in valid_docs]
+
+
+def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1), cfg.lr * cfg.min_lr_ratio
+    )
+    # No decay on gains, biases and gate biases (vectors): only matrices and larger.
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(schedule, b1=cfg.beta1, b2=cfg.beta2, weight_decay=cfg.weight_decay, mask=decay_mask),
+    ), schedule
+
+
+def next_token_loss(model: TitansLM, batch: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean cross-entropy (nats) of batch `[B, L + 1]` and the count of predicted tokens."""
+    logits = model(batch[:, :-1])
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch[:, 1:, None], axis=-1)[..., 0]
+    return jnp.mean(nll), jnp.sum(nll)
+
+
+@nnx.jit(donate_argnums=(0, 1))
+def train_step(model: TitansLM, optimizer: nnx.Optimizer, batch: jax.Array):
+    (loss, _), grads = nnx.value_and_grad(next_token_loss, has_aux=True)(model, batch)
+    optimizer.update(model, grads)
+    return loss, optax.tree.norm(grads)
+
+
+@nnx.jit
+def eval_step(model: TitansLM, batch: jax.Array) -> jax.Array:
+    return next_token_loss(model, batch)[1]
+
+
+# Logical parameter axes -> mesh axes: FSDP shards every d_model axis over "fsdp"; memory heads,
+# MLP and vocabulary axes stay whole (a "tensor" axis would take "heads" and "mlp").
+SHARDING_RULES = {"embed": "fsdp"}
+
+
+def make_mesh(fsdp: int) -> jax.sharding.Mesh:
+    """A ("data", "fsdp") mesh over every device (of every process)."""
+    count = jax.device_count()
+    if count % fsdp:
+        raise TrainError(f"train.fsdp={fsdp} does not divide the {count} devices")
+    return jax.make_mesh((count // fsdp, fsdp), ("data", "fsdp"),
+                         axis_types=(jax.sharding.AxisType.Auto, jax.sharding.AxisType.Auto))
+
+
+def shard_model(model: TitansLM, mesh: jax.sharding.Mesh) -> None:
+    """Place the parameters on `mesh` by their logical names (in place)."""
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, logical_shardings(state, mesh, SHARDING_RULES)))
+
+
+def global_batch(local: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
+    """This process's rows -> one array whose batch axis is split over every device."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+class _Stop:
+    """SIGTERM / SIGINT set a flag; the loop saves at the next step boundary and returns."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _checkpoint_args(model, optimizer, iterator, rng, save: bool):
+    if save:
+        return ocp.args.Composite(model=ocp.args.StandardSave(nnx.state(model)),
+                                  optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
+                                  data=grain.checkpoint.CheckpointSave(iterator),
+                                  rng=ocp.args.StandardSave({"key": jax.random.key_data(rng)}))
+    return ocp.args.Composite(model=ocp.args.StandardRestore(nnx.state(model)),
+                              optimizer=ocp.args.StandardRestore(nnx.state(optimizer)),
+                              data=grain.checkpoint.CheckpointRestore(iterator),
+                              rng=ocp.args.StandardRestore({"key": jax.random.key_data(rng)}))
+
+
+def _check_run_file(out: Path, run: RunConfig) -> None:
+    path = out / RUN_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        mine = json.loads(json.dumps(run.to_dict()))
+        diff = [k for k in mine["model"] if saved.get("model", {}).get(k) != mine["model"][k]]
+        if diff:
+            k = diff[0]
+            raise TrainError(f"{out} holds a run with a different model config (model.{k}: "
+                             f"{saved['model'].get(k)!r} there, {mine['model'][k]!r} here): use another --out")
+        if saved.get("data") != mine["data"] or saved["train"]["seed"] != mine["train"]["seed"] or \
+                saved["train"]["seq_len"] != mine["train"]["seq_len"] or \
+                saved["train"]["batch_size"] != mine["train"]["batch_size"]:
+            raise TrainError(f"{out} holds a run with other data, seed, seq_len or batch_size: use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(run.to_dict(), indent=1))
+    tmp.replace(path)
+
+
+def _restore_latest(manager, model, optimizer, iterator, rng, log) -> tuple[int, jax.Array]:
+    """Restore the newest readable checkpoint (falling back to older ones, saying so); (step, rng).
+
+    An unreadable step folder is moved aside to `unreadable-<step>` (kept, never deleted), so that
+    the run can save that step again.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=_checkpoint_args(model, optimizer, iterator, rng, save=False))
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: fall back, never delete it
+            folder = Path(manager.directory) / str(step)
+            aside = folder.with_name(f"unreadable-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            folder.rename(aside)
+            manager.reload()
+            log(f"checkpoint step {step} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                f"moved it to {aside.name} and trying the previous one")
+            continue
+        nnx.update(model, restored["model"])
+        nnx.update(optimizer, restored["optimizer"])
+        rng = jax.random.wrap_key_data(jnp.asarray(restored["rng"]["key"]))
+        log(f"resumed from step {step}")
+        return step, rng
+    return 0, rng
+
+
+def evaluate(model, batches, tokenizer) -> dict:
+    nats = sum(float(eval_step(model, jnp.asarray(b))) for b in batches)
+    tokens = sum(b[:, 1:].size for b in batches)
+    text_bytes = sum(tokenizer.count_bytes(b[:, 1:]) for b in batches)
+    return {"valid_loss": nats / tokens, "valid_bpb": nats / math.log(2) / max(text_bytes, 1)}
+
+
+def train(run: RunConfig, out: Path, *, steps: int | None = None, log: Callable[[str], None] = print,
+          progress: bool = True) -> dict:
+    """Train (or resume) into `out`; returns a summary with the last losses and the status."""
+    _mark_absl_flags_parsed()
+    out = Path(out)
+    cfg = run.train
+    steps = steps or cfg.steps
+    tokenizer = get_tokenizer(run.data.tokenizer)
+    if run.model.vocab_size < tokenizer.vocab_size:
+        raise TrainError(f"model.vocab_size={run.model.vocab_size} is smaller than the {tokenizer.name} tokenizer's "
+                         f"{tokenizer.vocab_size}: raise model.vocab_size")
+    _check_run_file(out, run)
+    train_texts, valid_texts = load_split(run.data, log)
+    train_tokens = pipeline.pack(train_texts, tokenizer, seed=cfg.seed)
+    valid_batches = pipeline.eval_batches(pipeline.pack(valid_texts, tokenizer, seed=None), seq_len=cfg.seq_len,
+                                          batch_size=cfg.batch_size, max_batches=cfg.eval_batches)
+    dataset = pipeline.train_dataset(train_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+                                     shard_index=jax.process_index(), shard_count=jax.process_count())
+    iterator = iter(dataset)
+
+    mesh = make_mesh(cfg.fsdp)
+    if cfg.batch_size % (jax.device_count() // jax.process_count()):
+        raise TrainError(f"train.batch_size={cfg.batch_size} (per process) must be a multiple of the "
+                         f"{jax.local_device_count()} local devices")
+    model = TitansLM(run.model, rngs=nnx.Rngs(cfg.seed))
+    shard_model(model, mesh)
+    tx, schedule = make_optimizer(dataclasses.replace(cfg, steps=steps))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    rng = jax.random.key(cfg.seed + 1)
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True)
+    manager = ocp.CheckpointManager((out / "checkpoints").absolute(), options=options)
+    best = ocp.CheckpointManager((out / "best").absolute(), options=ocp.CheckpointManagerOptions(
+        max_to_keep=1, best_fn=lambda m: m["valid_loss"], best_mode="min", create=True))
+    start, rng = _restore_latest(manager, model, optimizer, iterator, rng, log)
+
+    from tensorboardX import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None)
+    metrics_file = (out / "metrics.jsonl").open("a")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, initial=start, desc=f"train {run.model.variant}", unit="step", dynamic_ncols=True)
+
+    def record(row: dict) -> None:
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)):
+                writer.add_scalar(k, v, row["step"])
+
+    def save(step: int) -> None:
+        manager.save(step, args=_checkpoint_args(model, optimizer, iterator, rng, save=True), force=True)
+
+    status, last, tokens_per_step = "done", {}, cfg.batch_size * cfg.seq_len * jax.process_count()
+    t_log, logged, step = time.perf_counter(), start, start
+    with _Stop() as stop:
+        try:
+            for step in range(start + 1, steps + 1):
+                loss, grad_norm = train_step(model, optimizer, global_batch(next(iterator), mesh))
+                if step % cfg.log_every == 0 or step == steps:
+                    loss = float(loss)
+                    if not math.isfinite(loss):
+                        status = "nan"
+                        good = manager.latest_step()
+                        raise TrainError(f"loss is {loss} at step {step}; stopped without saving. Last good "
+                                         f"checkpoint: {'step ' + str(good) if good else 'none'} in {out}")
+                    now = time.perf_counter()
+                    rate = tokens_per_step * (step - logged) / (now - t_log)
+                    last = {"step": step, "loss": loss, "lr": float(schedule(step - 1)),
+                            "grad_norm": float(grad_norm), "tokens_per_s": round(rate, 1)}
+                    t_log, logged = now, step
+                    record(last)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                if bar is not None:
+                    bar.update(1)
+                if step % cfg.eval_every == 0 or step == steps:
+                    result = evaluate(model, valid_batches, tokenizer)
+                    record({"step": step, **result})
+                    last.update(result)
+                    if step not in best.all_steps():  # a resumed run may evaluate a step again
+                        best.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(nnx.state(model))),
+                                  metrics=result, force=True)
+                if (step % cfg.checkpoint_every == 0 or step == steps) and step not in manager.all_steps():
+                    save(step)
+                if step % cfg.eval_every == 0 or step % cfg.checkpoint_every == 0:
+                    t_log = time.perf_counter()  # tokens/s counts training steps only
+                if stop.signal:
+                    if step not in manager.all_steps():
+                        save(step)
+                    status = f"stopped by {stop.signal} at step {step} (saved)"
+                    log(status)
+                    break
+        finally:
+            manager.wait_until_finished()
+            best.wait_until_finished()
+            manager.close()
+            best.close()
+            metrics_file.close()
+            writer.close()
+            if bar is not None:
+                bar.close()
+    summary = {"status": status, "step": step, **last}
+    if status == "done" and cfg.sample_tokens:
+        rng, key = jax.random.split(rng)
+        prompt = tokenizer.encode(cfg.sample_prompt)[None]
+        new = generate(model, prompt, cfg.sample_tokens, key, temperature=0.8, top_p=0.95)
+        summary["sample"] = cfg.sample_prompt + tokenizer.decode(new[0])
+    return summary
+
+
+def load_trained_model(run_dir: str | Path, which: str = "latest") -> tuple[TitansLM, RunConfig]:
+    """The model of a run folder at its newest (`latest`) or lowest-held-out-loss (`best`) checkpoint."""
+    from train.config import load_run_config_dict
+
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN_FILE).is_file():
+        raise TrainError(f"{run_dir} is not a run folder ({RUN_FILE} missing): pass the --out of scripts/train.py")
+    run = load_run_config_dict(json.loads((run_dir / RUN_FILE).read_text()))
+    model = TitansLM(run.model, rngs=nnx.Rngs(0))
+    folder = (run_dir / ("best" if which == "best" else "checkpoints")).absolute()
+    with ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        step = manager.best_step() if which == "best" else manager.latest_step()
+        if step is None:
+            raise TrainError(f"{folder} holds no checkpoint yet")
+        restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(nnx.state(model))))
+    nnx.update(model, restored["model"])
+    return model, run
