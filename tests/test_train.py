@@ -207,3 +207,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_corpus, tmp_path
     with pytest.raises(TrainError, match=r"loss is (nan|inf) at step \d+; stopped without saving. Last good checkpoint: step 3"):
         train(exploding, out, steps=40, progress=False, log=lambda s: None)
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit())[-1] == "3"
+    # Steps that save are checked even when they do not log: no NaN parameters reach a checkpoint.
+    rarely_logged = load_run_config("tiny", overrides(text_corpus, lr=1e9, warmup_steps=0, log_every=1000,
+                                                      eval_every=1000, checkpoint_every=1))
+    with pytest.raises(TrainError, match=r"loss is (nan|inf) at step \d+; stopped without saving"):
+        train(rarely_logged, out, steps=40, progress=False, log=lambda s: None)
+    from flax import nnx
+
+    from train.trainer import load_trained_model
+
+    latest, _ = load_trained_model(out)
+    assert all(np.all(np.isfinite(np.asarray(v[...]))) for _, v in nnx.to_flat_state(nnx.state(latest, nnx.Param)))

@@ -32,7 +32,7 @@ from flax import nnx
 from titans.model import TitansLM
 from titans.sampling import generate
 from titans.sharding import logical_shardings
-from train.config import RunConfig
+from train.config import RunConfig, load_run_config_dict
 from train.data import corpus, pipeline
 from train.data.tokenizer import get_tokenizer
 
@@ -149,15 +149,17 @@ class _Stop:
 
 
 def _checkpoint_args(model, optimizer, iterator, rng, save: bool):
-    if save:
-        return ocp.args.Composite(model=ocp.args.StandardSave(nnx.state(model)),
-                                  optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
-                                  data=grain.checkpoint.CheckpointSave(iterator),
-                                  rng=ocp.args.StandardSave({"key": jax.random.key_data(rng)}))
-    return ocp.args.Composite(model=ocp.args.StandardRestore(nnx.state(model)),
-                              optimizer=ocp.args.StandardRestore(nnx.state(optimizer)),
-                              data=grain.checkpoint.CheckpointRestore(iterator),
-                              rng=ocp.args.StandardRestore({"key": jax.random.key_data(rng)}))
+    """Save (or restore into) params, optimizer state, data iterator and RNG as one orbax Composite."""
+    arrays = ocp.args.StandardSave if save else ocp.args.StandardRestore
+    data = grain.checkpoint.CheckpointSave if save else grain.checkpoint.CheckpointRestore
+    return ocp.args.Composite(model=arrays(nnx.state(model)), optimizer=arrays(nnx.state(optimizer)),
+                              data=data(iterator), rng=arrays({"key": jax.random.key_data(rng)}))
+
+
+def _get(tree: dict, key: tuple[str, ...]):
+    for k in key:
+        tree = tree.get(k, {}) if isinstance(tree, dict) else None
+    return tree
 
 
 def _check_run_file(out: Path, run: RunConfig) -> None:
@@ -170,9 +172,9 @@ def _check_run_file(out: Path, run: RunConfig) -> None:
             k = diff[0]
             raise TrainError(f"{out} holds a run with a different model config (model.{k}: "
                              f"{saved['model'].get(k)!r} there, {mine['model'][k]!r} here): use another --out")
-        if saved.get("data") != mine["data"] or saved["train"]["seed"] != mine["train"]["seed"] or \
-                saved["train"]["seq_len"] != mine["train"]["seq_len"] or \
-                saved["train"]["batch_size"] != mine["train"]["batch_size"]:
+        # The data stream must be the same one for the resumed batches to continue it.
+        stream = [("data",)] + [("train", k) for k in ("seed", "seq_len", "batch_size")]
+        if any(_get(saved, key) != _get(mine, key) for key in stream):
             raise TrainError(f"{out} holds a run with other data, seed, seq_len or batch_size: use another --out")
     out.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -274,13 +276,16 @@ def train(run: RunConfig, out: Path, *, steps: int | None = None, log: Callable[
         try:
             for step in range(start + 1, steps + 1):
                 loss, grad_norm = train_step(model, optimizer, global_batch(next(iterator), mesh))
-                if step % cfg.log_every == 0 or step == steps:
+                logging = step % cfg.log_every == 0 or step == steps
+                evaluating = step % cfg.eval_every == 0 or step == steps
+                saving = step % cfg.checkpoint_every == 0 or step == steps or stop.signal is not None
+                if logging or evaluating or saving:  # never evaluate or save parameters after a NaN
                     loss = float(loss)
                     if not math.isfinite(loss):
-                        status = "nan"
                         good = manager.latest_step()
                         raise TrainError(f"loss is {loss} at step {step}; stopped without saving. Last good "
                                          f"checkpoint: {'step ' + str(good) if good else 'none'} in {out}")
+                if logging:
                     now = time.perf_counter()
                     rate = tokens_per_step * (step - logged) / (now - t_log)
                     last = {"step": step, "loss": loss, "lr": float(schedule(step - 1)),
@@ -291,19 +296,19 @@ def train(run: RunConfig, out: Path, *, steps: int | None = None, log: Callable[
                         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
                 if bar is not None:
                     bar.update(1)
-                if step % cfg.eval_every == 0 or step == steps:
+                if evaluating:
                     result = evaluate(model, valid_batches, tokenizer)
                     record({"step": step, **result})
                     last.update(result)
                     if step not in best.all_steps():  # a resumed run may evaluate a step again
                         best.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(nnx.state(model))),
                                   metrics=result, force=True)
-                if (step % cfg.checkpoint_every == 0 or step == steps) and step not in manager.all_steps():
+                if saving and step not in manager.all_steps():
                     save(step)
-                if step % cfg.eval_every == 0 or step % cfg.checkpoint_every == 0:
+                if evaluating or saving:
                     t_log = time.perf_counter()  # tokens/s counts training steps only
                 if stop.signal:
-                    if step not in manager.all_steps():
+                    if step not in manager.all_steps():  # the signal came after this step's save check
                         save(step)
                     status = f"stopped by {stop.signal} at step {step} (saved)"
                     log(status)
@@ -328,8 +333,6 @@ def train(run: RunConfig, out: Path, *, steps: int | None = None, log: Callable[
 
 def load_trained_model(run_dir: str | Path, which: str = "latest") -> tuple[TitansLM, RunConfig]:
     """The model of a run folder at its newest (`latest`) or lowest-held-out-loss (`best`) checkpoint."""
-    from train.config import load_run_config_dict
-
     run_dir = Path(run_dir)
     if not (run_dir / RUN_FILE).is_file():
         raise TrainError(f"{run_dir} is not a run folder ({RUN_FILE} missing): pass the --out of scripts/train.py")
