@@ -24,8 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import (BENCHMARKS, ROOT, child_main, machine_line, peak_rss_mb, progress, repeat, run_in_child,
-                      timed, write_section)
+from benchlib import (BENCHMARKS, ROOT, add_child_args, child_main, list_args, machine_line, peak_rss_mb, progress,
+                      repeat, run_in_child, timed, write_section)
 
 PEER_SCRIPT = ROOT.parent / "shared" / "peers" / "titans_pytorch_bench.py"
 SECTION = "bench_memory"  # + "_<n>dev" for --devices n
@@ -238,17 +238,12 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     p.add_argument("--devices", type=int, default=1, help="host devices; memory heads are sharded over them")
     p.add_argument("--peer-python", help="python of a venv with titans-pytorch 0.5.5 (see ../shared/peers)")
     p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--child-config", help=argparse.SUPPRESS)
+    add_child_args(p)
     args = p.parse_args(argv)
     kw = {}
     if args.full:
         kw.update(heads=("4x64", "1x256"), seq_lens=(1024, 4096, 16384))
-    for name in ("heads", "impls", "modes"):
-        if getattr(args, name):
-            kw[name] = tuple(getattr(args, name).split(","))
-    if args.seq_lens:
-        kw["seq_lens"] = tuple(int(s) for s in args.seq_lens.split(","))
+    kw.update(list_args(args, ("heads", "impls", "modes")), **list_args(args, ("seq_lens",), int))
     return BenchConfig(iters=args.iters, devices=args.devices, peer_python=args.peer_python, write=args.write, **kw), args
 
 
@@ -257,6 +252,5 @@ if __name__ == "__main__":
         config, raw = parse_args()
     except ValueError as e:
         sys.exit(f"bench_memory: {e}")
-    to_config = lambda d: BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-    if not child_main(sys.argv, lambda case, d: run_case(case, to_config(d))):
+    if not child_main(sys.argv, run_case, BenchConfig):
         main(config)

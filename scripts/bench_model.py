@@ -19,7 +19,8 @@ import dataclasses
 import statistics
 import sys
 
-from benchlib import child_main, machine_line, peak_rss_mb, progress, repeat, run_in_child, timed, write_section
+from benchlib import (add_child_args, child_main, list_args, machine_line, peak_rss_mb, progress, repeat,
+                      run_in_child, timed, write_section)
 
 SECTION = "bench_model"
 VARIANTS = ("swa", "lmm", "mag", "mal", "mac")
@@ -160,27 +161,20 @@ def parse_args(argv=None) -> BenchModelConfig:
     p.add_argument("--decode-context", type=int)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--child-config", help=argparse.SUPPRESS)
+    add_child_args(p)
     args = p.parse_args(argv)
     kw = {}
     if args.full:
         kw.update(presets=("tiny", "small"), seq_lens=(1024, 4096, 16384), prefill_lens=(8192, 65536),
                   decode_context=16384)
-    for name in ("presets", "variants", "modes"):
-        if getattr(args, name):
-            kw[name] = tuple(getattr(args, name).split(","))
-    for name in ("seq_lens", "prefill_lens"):
-        if getattr(args, name):
-            kw[name] = tuple(int(s) for s in getattr(args, name).split(","))
+    kw.update(list_args(args, ("presets", "variants", "modes")), **list_args(args, ("seq_lens", "prefill_lens"), int))
     if args.decode_context:
         kw["decode_context"] = args.decode_context
     return BenchModelConfig(piece=args.piece, iters=args.iters, write=args.write, **kw)
 
 
 if __name__ == "__main__":
-    to_config = lambda d: BenchModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-    if not child_main(sys.argv, lambda case, d: run_case(case, to_config(d))):
+    if not child_main(sys.argv, run_case, BenchModelConfig):
         try:
             config = parse_args()
         except ValueError as e:

@@ -89,11 +89,26 @@ def write_section(text: str, section: str) -> None:
     os.replace(f.name, BENCHMARKS)
 
 
-def child_main(argv: list[str], run_case: Callable[[dict, dict], dict]) -> bool:
-    """If argv asks for a child case, run it, print its RESULT line and return True."""
+def add_child_args(parser) -> None:
+    """The hidden arguments `run_in_child` passes to a child case."""
+    import argparse
+
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-config", help=argparse.SUPPRESS)
+
+
+def list_args(args, names: Iterable[str], cast=str) -> dict:
+    """Comma-separated arguments among `names` that were given, as tuples (`--seq-lens 1,2` -> (1, 2))."""
+    return {n: tuple(cast(v) for v in getattr(args, n).split(",")) for n in names if getattr(args, n)}
+
+
+def child_main(argv: list[str], run_case: Callable[[dict, object], dict], config_cls) -> bool:
+    """If argv asks for a child case, rebuild its `config_cls` (JSON lists back to tuples), run it,
+    print its RESULT line and return True."""
     if "--child" not in argv:
         return False
     case = json.loads(argv[argv.index("--child") + 1])
-    config = json.loads(argv[argv.index("--child-config") + 1])
+    fields = json.loads(argv[argv.index("--child-config") + 1])
+    config = config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     print("RESULT " + json.dumps(run_case(case, config)))
     return True

@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> str:
                    temperature=args.temperature, top_p=args.top_p, on_token=show)
     seconds = time.perf_counter() - t0
     print(tokenizer.decode(pending))
-    print(f"[{new.shape[1]} tokens in {seconds:.1f} s: {new.shape[1] / seconds:.1f} tokens/s, prompt included]",
+    print(f"[{new.shape[1]} new tokens in {seconds:.1f} s: {new.shape[1] / seconds:.1f} tokens/s, prompt prefill included]",
           file=sys.stderr)
     return args.prompt + tokenizer.decode(new[0])
 
