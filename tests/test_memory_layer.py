@@ -193,13 +193,16 @@ def test_bfloat16_compute_keeps_float32_memory():
     assert_tree_close(o.astype(jnp.float32), o32, 0.05)
 
 
-def test_sow_gate_means():
-    layer = make(sow_gate_means=True)
+def test_sow_gate_means_only_under_capture():
+    layer = make()
     x = inputs()
     _, intermediates = nnx.capture(layer, nnx.Intermediate)(x)
     (means,) = intermediates["memory"]["gate_means"].get_value()
     for name, gate in zip(("theta", "eta", "alpha"), layer.memory.gates(x)):
         np.testing.assert_allclose(means[name], gate.mean(), rtol=1e-6)
+    before = jax.tree.structure(nnx.state(layer))
+    layer(x)  # outside a capture: nothing is added to the module's state
+    assert jax.tree.structure(nnx.state(layer)) == before
 
 
 @pytest.mark.parametrize(

@@ -208,3 +208,29 @@ def test_every_parameter_has_logical_axis_names(variant):
                                                                            isinstance(x, jax.sharding.PartitionSpec))):
         assert isinstance(spec, jax.sharding.PartitionSpec) and len(spec) == leaf.ndim, jax.tree_util.keystr(path)
         assert any(name is not None for name in spec), jax.tree_util.keystr(path)
+
+
+def _gate_means(fn, *args):
+    out, sown = nnx.capture(fn, nnx.Intermediate)(*args)
+    by_layer = {path[:2]: var.get_value() for path, var in nnx.to_flat_state(sown) if path[-1] == "gate_means"}
+    return out, by_layer
+
+
+def test_mac_gate_means_from_the_segment_scan():
+    """MAC sows its gate means from outside the segment scan: two segments scanned give the mean of
+    the same segments run one call each (which sow directly)."""
+    model, _, _ = build("mac")
+    seg = model.config.segment_len
+    toks = tokens(length=2 * seg)
+    _, whole = _gate_means(lambda m, t: m(t), model, toks)
+    state = model.init_state(B)
+    halves = []
+    for i in range(2):
+        (_, state), sown = _gate_means(lambda m, t, s: m.run(t, s), model, toks[:, i * seg : (i + 1) * seg], state)
+        halves.append(sown)
+    assert len(whole) == model.config.n_layers
+    for layer, (means,) in whole.items():
+        assert halves[0][layer][0] != halves[1][layer][0]
+        for name in ("theta", "eta", "alpha"):
+            want = (halves[0][layer][0][name] + halves[1][layer][0][name]) / 2
+            np.testing.assert_allclose(means[name], want, rtol=1e-5)

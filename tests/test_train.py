@@ -90,6 +90,10 @@ def test_resume_after_sigterm_is_bit_exact(text_corpus, tmp_path):
     train(run, whole, steps=STEPS, progress=False, log=lambda s: None)
     want = losses(whole)
     assert sorted(want) == list(range(1, STEPS + 1))
+    logged = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    gates = [(r["gate_theta"], r["gate_eta"], r["gate_alpha"]) for r in logged if "loss" in r]
+    assert len(gates) == STEPS and len(set(gates)) > 1  # the gates are logged, and they train
+    assert all(0 < theta < run.model.max_lr and 0 < eta < 1 and 0 < alpha < 1 for theta, eta, alpha in gates)
 
     # The same run in a child process, stopped by SIGTERM once it has logged step 4.
     cut = tmp_path / "cut"

@@ -45,8 +45,6 @@ class MemoryLayerConfig:
     `E = expansion * head_dim` (depth 1 is a single `[head_dim, head_dim]` matrix).
     `residual_norm=None` picks the spec default: residual + LayerNorm for depth >= 2, plain for 1.
     `theta_init`, `eta_init`, `alpha_init` are the gate values at initialisation (for a zero input);
-    `sow_gate_means=True` sows the mean theta/eta/alpha of each call as `nnx.Intermediate`
-    "gate_means" (collect them with `nnx.capture(model, nnx.Intermediate)`) for training logs.
     `dtype` is the compute dtype of the projections, `param_dtype` that of the parameters and of the
     memory state (float32, or float64 for x64 gradient checks).
     """
@@ -67,7 +65,6 @@ class MemoryLayerConfig:
     conv_kernel: int = 4
     read_before_write: bool = False
     impl: str = "auto"
-    sow_gate_means: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -86,7 +83,7 @@ class MemoryLayerConfig:
             raise ValueError(
                 f"MemoryLayerConfig.residual_norm must be None (depth default) or a bool, got {self.residual_norm!r}"
             )
-        for name in ("per_layer_lr", "read_before_write", "sow_gate_means"):
+        for name in ("per_layer_lr", "read_before_write"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MemoryLayerConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if not self.max_lr > 0:
@@ -241,15 +238,31 @@ class NeuralMemory(nnx.Module):
     def scan(self, x: jax.Array, state: MemoryLayerState | None = None) -> tuple[jax.Array, MemoryLayerState]:
         """The retrieval `y [batch, seq, heads, dim]` (compute dtype) and the new state.
 
-        x: `[batch, seq, d_model]`; `state=None` starts from `init_state(batch)`.
+        x: `[batch, seq, d_model]`; `state=None` starts from `init_state(batch)`. Under
+        `nnx.capture(..., nnx.Intermediate)` it sows the call's gate means as "gate_means".
+        """
+        y, state, means = self.scan_with_gate_means(x, state)
+        self.sow_gate_means(means)
+        return y, state
+
+    def sow_gate_means(self, means: dict[str, jax.Array]) -> None:
+        # Only under nnx.capture (flax 0.12 marks it with `__captures__`): outside one, `sow` would
+        # add a variable to the module, and so to its state and checkpoints.
+        if hasattr(self, "__captures__"):
+            self.sow(nnx.Intermediate, "gate_means", means)
+
+    def scan_with_gate_means(self, x: jax.Array, state: MemoryLayerState | None = None):
+        """`scan` without sowing: (y, state, {"theta", "eta", "alpha"} means of this call).
+
+        For callers inside a JAX loop (MAC's segment scan), where sowing would leak the loop's
+        tracers: they return the means from the loop and sow them outside.
         """
         cfg = self.config
         if state is None:
             state = self.init_state(x.shape[0])
         q, k, v, conv = self.project(x, state.conv)
         theta, eta, alpha = self.gates(x)
-        if cfg.sow_gate_means:
-            self.sow(nnx.Intermediate, "gate_means", {"theta": theta.mean(), "eta": eta.mean(), "alpha": alpha.mean()})
+        means = {"theta": theta.mean(), "eta": eta.mean(), "alpha": alpha.mean()}
         # One token (decode) costs one gradient in the token loop but a whole chunk (two with a
         # traced offset) in the chunk form; both compute the same numbers (spec section 2).
         impl = "reference" if cfg.impl == "auto" and x.shape[1] == 1 else cfg.impl
@@ -258,7 +271,7 @@ class NeuralMemory(nnx.Module):
             chunk_size=cfg.chunk_size, activation=cfg.activation, residual_norm=cfg.use_residual_norm,
             read_before_write=cfg.read_before_write, impl=impl,
         )
-        return y.astype(cfg.dtype), MemoryLayerState(memory, conv)
+        return y.astype(cfg.dtype), MemoryLayerState(memory, conv), means
 
 
 class MemoryLayer(nnx.Module):

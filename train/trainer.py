@@ -90,11 +90,21 @@ def next_token_loss(model: TitansLM, batch: jax.Array) -> tuple[jax.Array, jax.A
     return jnp.mean(nll), jnp.sum(nll)
 
 
+def _loss_and_gate_means(model: TitansLM, batch: jax.Array):
+    """The loss and {"theta", "eta", "alpha"}: each gate's mean over the memory calls of the pass
+    (empty without memory)."""
+    (loss, _), sown = nnx.capture(next_token_loss, nnx.Intermediate)(model, batch)
+    calls = [means for path, var in nnx.to_flat_state(sown) if path[-1] == "gate_means" for means in var.get_value()]
+    return loss, {name: jnp.mean(jnp.stack([c[name] for c in calls])) for name in ("theta", "eta", "alpha")
+                  } if calls else {}
+
+
 @nnx.jit(donate_argnums=(0, 1))
 def train_step(model: TitansLM, optimizer: nnx.Optimizer, batch: jax.Array):
-    (loss, _), grads = nnx.value_and_grad(next_token_loss, has_aux=True)(model, batch)
+    """One optimizer step: (loss, gradient global norm, gate means)."""
+    (loss, gate_means), grads = nnx.value_and_grad(_loss_and_gate_means, has_aux=True)(model, batch)
     optimizer.update(model, grads)
-    return loss, optax.tree.norm(grads)
+    return loss, optax.tree.norm(grads), gate_means
 
 
 @nnx.jit
@@ -275,7 +285,7 @@ def train(run: RunConfig, out: Path, *, steps: int | None = None, log: Callable[
     with _Stop() as stop:
         try:
             for step in range(start + 1, steps + 1):
-                loss, grad_norm = train_step(model, optimizer, global_batch(next(iterator), mesh))
+                loss, grad_norm, gate_means = train_step(model, optimizer, global_batch(next(iterator), mesh))
                 logging = step % cfg.log_every == 0 or step == steps
                 evaluating = step % cfg.eval_every == 0 or step == steps
                 saving = step % cfg.checkpoint_every == 0 or step == steps or stop.signal is not None
@@ -289,7 +299,8 @@ def train(run: RunConfig, out: Path, *, steps: int | None = None, log: Callable[
                     now = time.perf_counter()
                     rate = tokens_per_step * (step - logged) / (now - t_log)
                     last = {"step": step, "loss": loss, "lr": float(schedule(step - 1)),
-                            "grad_norm": float(grad_norm), "tokens_per_s": round(rate, 1)}
+                            "grad_norm": float(grad_norm), "tokens_per_s": round(rate, 1),
+                            **{f"gate_{k}": float(v) for k, v in gate_means.items()}}
                     t_log, logged = now, step
                     record(last)
                     if bar is not None:

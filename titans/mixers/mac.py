@@ -80,8 +80,11 @@ class MAC(nnx.Module):
         kv = jnp.zeros((batch_size, 2 * cfg.segment_len, cfg.attn_heads, cfg.head_dim), cfg.compute_dtype)
         return MACState(memory, memory.memory.weights, self.retrieval.zero_tail(batch_size), kv, kv)
 
-    def _piece(self, x: jax.Array, state: MACState, start) -> tuple[jax.Array, MACState]:
-        """x `[batch, n, d_model]` (normed) at positions `start ..`, all inside one segment."""
+    def _piece(self, x: jax.Array, state: MACState, start) -> tuple[jax.Array, MACState, dict]:
+        """x `[batch, n, d_model]` (normed) at positions `start ..`, all inside one segment.
+
+        Returns the output, the new state and the memory's gate means (sown by the caller).
+        """
         cfg = self.cfg
         batch, n, _ = x.shape
         seg = cfg.segment_len
@@ -109,13 +112,13 @@ class MAC(nnx.Module):
         y = attend(q, keys, values, valid, (self.persistent_k[...], self.persistent_v[...]))
         y = y.reshape(batch, n, cfg.attn_width)
 
-        m, memory = self.memory.scan(y, state.memory)
+        m, memory, gate_means = self.memory.scan_with_gate_means(y, state.memory)
         ends_segment = offset + n == seg
         segment_weights = tuple(
             jnp.where(ends_segment, w, w_prev) for w, w_prev in zip(memory.memory.weights, weights)
         )
         out = self.out_proj(y * jax.nn.sigmoid(self.memory_norm(m.reshape(batch, n, cfg.mem_width))))
-        return out, MACState(memory, segment_weights, retrieval_tail, keys, values)
+        return out, MACState(memory, segment_weights, retrieval_tail, keys, values), gate_means
 
     def __call__(self, x, state, start, plan):
         """x `[batch, seq, d_model]` -> (delta, state); `plan` splits seq at segment boundaries."""
@@ -136,19 +139,21 @@ class MAC(nnx.Module):
                     # spares the chunk scan the extra chunk it runs for an unknown one.
                     aligned = st.memory.memory._replace(offset=np.zeros((), np.int32))
                     st = st._replace(memory=st.memory._replace(memory=aligned))
-                    out, st = self._piece(xs, st, pos)
-                    return (st, pos + seg), out
+                    out, st, means = self._piece(xs, st, pos)
+                    return (st, pos + seg), (out, means)
 
                 # Backprop keeps one carry per segment and recomputes the segment: without this the
                 # memory's per-chunk states of every segment stay alive (small, 4K tokens: XLA temp
                 # 1898 MB -> 632 MB, same tokens/s on 2 CPU cores).
                 step = jax.checkpoint(step)
                 pieces = piece.reshape(x.shape[0], count, seg, -1).swapaxes(0, 1)
-                (state, _), out = jax.lax.scan(step, (state, jnp.asarray(start + done, jnp.int32)), pieces)
+                (state, _), (out, means) = jax.lax.scan(step, (state, jnp.asarray(start + done, jnp.int32)), pieces)
+                self.memory.sow_gate_means(jax.tree.map(jnp.mean, means))  # equal-length segments
                 outs.append(out.swapaxes(0, 1).reshape(x.shape[0], count * seg, -1))
             else:
                 for i in range(count):
-                    out, state = self._piece(piece[:, i * n : (i + 1) * n], state, start + done + i * n)
+                    out, state, means = self._piece(piece[:, i * n : (i + 1) * n], state, start + done + i * n)
+                    self.memory.sow_gate_means(means)
                     outs.append(out)
             done += n * count
         return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0], state
