@@ -13,11 +13,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import jax  # noqa: E402
 
-from titans.model import TitansLM  # noqa: E402
-from titans.pretrained import read_config  # noqa: E402
 from titans.sampling import generate  # noqa: E402
-from train.data.tokenizer import get_tokenizer  # noqa: E402
-from train.trainer import TrainError, load_trained_model  # noqa: E402
+from train.trainer import TrainError, load_model  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,11 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> str:
-    if args.model:
-        model, tokenizer = TitansLM.from_pretrained(args.model), get_tokenizer(read_config(args.model)["tokenizer"]["name"])
-    else:
-        model, run = load_trained_model(args.checkpoint)
-        tokenizer = get_tokenizer(run.data.tokenizer)
+    model, tokenizer = load_model(args.model, args.checkpoint)
     prompt = tokenizer.encode(args.prompt)
     if len(prompt) == 0:
         raise ValueError("--prompt must not be empty")

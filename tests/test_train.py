@@ -4,6 +4,7 @@ fail with one line and overwrite nothing. Tiny preset on a text made here."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -84,9 +85,11 @@ def test_read_documents_rejects_bad_jsonl(tmp_path):
         corpus.read_documents(tmp_path)
 
 
-def test_resume_after_sigterm_is_bit_exact(text_corpus, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(text_corpus, tmp_path_factory) -> dict[int, float]:
+    """The losses of a run that nothing stops (and a check of its logged gate means)."""
     run = load_run_config("tiny", overrides(text_corpus))
-    whole = tmp_path / "whole"
+    whole = tmp_path_factory.mktemp("whole")
     train(run, whole, steps=STEPS, progress=False, log=lambda s: None)
     want = losses(whole)
     assert sorted(want) == list(range(1, STEPS + 1))
@@ -94,23 +97,34 @@ def test_resume_after_sigterm_is_bit_exact(text_corpus, tmp_path):
     gates = [(r["gate_theta"], r["gate_eta"], r["gate_alpha"]) for r in logged if "loss" in r]
     assert len(gates) == STEPS and len(set(gates)) > 1  # the gates are logged, and they train
     assert all(0 < theta < run.model.max_lr and 0 < eta < 1 and 0 < alpha < 1 for theta, eta, alpha in gates)
+    return want
 
-    # The same run in a child process, stopped by SIGTERM once it has logged step 4.
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+def test_resume_after_a_signal_is_bit_exact(text_corpus, uninterrupted, tmp_path, sig):
+    """SIGTERM saves and exits 0; kill -9 with a save every step (so one is usually in flight) loses
+    at most the steps since the last complete checkpoint. Either way the resumed run's losses equal
+    the uninterrupted run's to the bit."""
+    extra = ["train.checkpoint_every=1"] if sig == signal.SIGKILL else []
+    run = load_run_config("tiny", overrides(text_corpus) + extra)
     cut = tmp_path / "cut"
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.environ.get(
         "JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/titans-jax/jax-cache")))
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", "tiny", "--out", str(cut), "--steps",
-           str(STEPS), "--no-progress"] + [a for o in overrides(text_corpus) for a in ("--set", o)]
+           str(STEPS), "--no-progress"] + [a for o in overrides(text_corpus) + extra for a in ("--set", o)]
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 300
     while time.time() < deadline and child.poll() is None:
-        if (cut / "metrics.jsonl").is_file() and len(losses(cut)) >= 4:
-            child.send_signal(signal.SIGTERM)
+        if (cut / "metrics.jsonl").is_file() and len(losses(cut)) >= 6:
+            child.send_signal(sig)
             break
         time.sleep(0.05)
     stdout, stderr = child.communicate(timeout=300)
-    assert child.returncode == 0, stderr[-2000:]
-    assert "stopped by SIGTERM" in stdout + stderr
+    if sig == signal.SIGTERM:
+        assert child.returncode == 0, stderr[-2000:]
+        assert "stopped by SIGTERM" in stdout + stderr
+    else:
+        assert child.returncode == -signal.SIGKILL, stderr[-2000:]
     stopped_at = max(losses(cut))
     assert stopped_at < STEPS, "the child finished before the signal: make the run longer"
 
@@ -118,7 +132,7 @@ def test_resume_after_sigterm_is_bit_exact(text_corpus, tmp_path):
     assert summary["status"] == "done" and summary["step"] == STEPS
     got = losses(cut)
     for step in range(1, STEPS + 1):
-        assert got[step] == want[step], (step, got[step], want[step])
+        assert got[step] == uninterrupted[step], (step, got[step], uninterrupted[step])
 
 
 def test_partial_and_corrupt_checkpoints_fall_back(text_corpus, tmp_path):
@@ -151,6 +165,12 @@ def test_bad_runs_fail_with_one_line_and_keep_the_run(text_corpus, tmp_path):
     with pytest.raises(TrainError, match=r"different model config \(model.window") as err:
         train(other, out, steps=3, progress=False, log=lambda s: None)
     assert "\n" not in str(err.value)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    # Another process training into the same folder (it holds the lock): refused, nothing touched.
+    with open(out / ".lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(TrainError, match="another process is training into"):
+            train(load_run_config("tiny", overrides(text_corpus)), out, steps=6, progress=False, log=lambda s: None)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
     empty = tmp_path / "empty"

@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(
         opt = nnx.Optimizer(model, make_optimizer(TrainConfig(steps=10, warmup_steps=1))[0], wrt=nnx.Param)
         x = jnp.asarray(batch) if mesh is None else global_batch(batch, mesh)
         out = [train_step(model, opt, x) for _ in range(2)]
-        return [float(v) for pair in out for v in pair], model, x
+        return [float(v) for step in out for v in step[:2]], model, x
 
     (l1, m1, _), (l4, m4, x4) = run(None), run(make_mesh(fsdp=2))
     kernel = m4.embed.embedding[...]

@@ -22,15 +22,20 @@ def sample_token(logits: jax.Array, key: jax.Array, temperature: float, top_p: f
 
 
 def generate(model, prompt: np.ndarray, max_new_tokens: int, key: jax.Array, *, temperature: float = 0.8,
-             top_p: float = 0.95, stop_token: int | None = None, on_token=None) -> np.ndarray:
+             top_p: float = 0.95, stop_token: int | None = None, on_token=None,
+             prefill_piece: int | None = None) -> np.ndarray:
     """prompt `[batch, n]` int (n >= 1) -> the new tokens `[batch, <= max_new_tokens]`.
 
     `on_token(ids [batch])` is called after each new token (streaming output); generation stops early
-    when every row has produced `stop_token`.
+    when every row has produced `stop_token`. `prefill_piece` feeds a long prompt in pieces of that
+    many tokens (memory then stays flat at any prompt length; the pieces start at multiples of it,
+    so every full piece reuses one compiled step).
     """
-    prompt = jnp.asarray(prompt, jnp.int32)
+    prompt = np.asarray(prompt, np.int32)
     state = model.init_state(prompt.shape[0])
-    logits, state = model.extend(prompt, state)
+    piece = prefill_piece or prompt.shape[1]
+    for start in range(0, prompt.shape[1], piece):
+        logits, state = model.extend(prompt[:, start : start + piece], state)
     last = logits[:, -1]
     out, done = [], np.zeros(prompt.shape[0], bool)
     for _ in range(max_new_tokens):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from titans.config import ConfigError, ModelConfig, check_field_types, check_positive, from_dict, read_config
+from train.data.niah import TASKS
 from train.data.tokenizer import TOKENIZERS
 
 
@@ -57,11 +58,28 @@ class DataConfig:
 
     corpus: str = "default"
     tokenizer: str = "byte"
+    # The retrieval recipe (train/data/pipeline.py NeedleMix): this fraction of the training rows
+    # end in a needle task of `needle_tasks` (comma list), min_len..row length tokens long, the
+    # longest length reached after `needle_curriculum_steps`.
+    needle_fraction: float = 0.0
+    needle_tasks: str = "passkey,s-niah-1,s-niah-2"
+    needle_min_len: int = 512
+    needle_curriculum_steps: int = 0
 
     def __post_init__(self):
         check_field_types(self, "data")
         if self.tokenizer not in TOKENIZERS:
             raise ConfigError(f"data.tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
+        if not 0 <= self.needle_fraction <= 1 or self.needle_curriculum_steps < 0:
+            raise ConfigError(f"data.needle_fraction must be in [0, 1] and data.needle_curriculum_steps >= 0, got "
+                              f"{self.needle_fraction}, {self.needle_curriculum_steps}")
+        unknown = [t for t in self.tasks() if t not in TASKS]
+        if unknown or not self.tasks():
+            raise ConfigError(f"data.needle_tasks: unknown task {unknown[0] if unknown else '(none)'!r}; choose from "
+                              f"{', '.join(TASKS)}")
+
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.needle_tasks.split(",") if t.strip())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,9 @@ equal those of an uninterrupted run to the last bit on CPU. SIGTERM / SIGINT sav
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import signal
@@ -30,13 +32,15 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from titans.model import TitansLM
+from titans import pretrained
 from titans.sampling import generate
 from titans.sharding import logical_shardings
-from train.config import RunConfig, load_run_config_dict
-from train.data import corpus, pipeline
+from train.config import ConfigError, RunConfig, load_run_config_dict
+from train.data import corpus, niah, pipeline
 from train.data.tokenizer import get_tokenizer
 
 RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
 
 
 class TrainError(RuntimeError):
@@ -172,10 +176,16 @@ def _get(tree: dict, key: tuple[str, ...]):
     return tree
 
 
-def _check_run_file(out: Path, run: RunConfig) -> None:
+def _claim_run_dir(out: Path, run: RunConfig):
+    """Check that `out` is free or holds this run, lock it (returns the open lock file; closing it
+    releases the lock) and write run.json. Two processes training into one folder would interleave
+    their checkpoints and metrics."""
     path = out / RUN_FILE
     if path.is_file():
-        saved = json.loads(path.read_text())
+        try:  # fill fields added since the run was made with their defaults
+            saved = json.loads(json.dumps(load_run_config_dict(json.loads(path.read_text())).to_dict()))
+        except (ValueError, KeyError, ConfigError) as err:
+            raise TrainError(f"{path} is not readable as a run ({err}): use another --out") from None
         mine = json.loads(json.dumps(run.to_dict()))
         diff = [k for k in mine["model"] if saved.get("model", {}).get(k) != mine["model"][k]]
         if diff:
@@ -187,9 +197,19 @@ def _check_run_file(out: Path, run: RunConfig) -> None:
         if any(_get(saved, key) != _get(mine, key) for key in stream):
             raise TrainError(f"{out} holds a run with other data, seed, seq_len or batch_size: use another --out")
     out.mkdir(parents=True, exist_ok=True)
+    # One lock per job: the processes of a multi-host job share `out`, and process 0 holds it.
+    lock = (out / LOCK_FILE).open("a") if jax.process_index() == 0 else contextlib.nullcontext()
+    try:
+        if jax.process_index() == 0:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise TrainError(f"another process is training into {out} (it holds {out / LOCK_FILE}): wait for it to "
+                         "stop or use another --out") from None
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(run.to_dict(), indent=1))
     tmp.replace(path)
+    return lock
 
 
 def _restore_latest(manager, model, optimizer, iterator, rng, log) -> tuple[int, jax.Array]:
@@ -224,6 +244,35 @@ def evaluate(model, batches, tokenizer) -> dict:
     return {"valid_loss": nats / tokens, "valid_bpb": nats / math.log(2) / max(text_bytes, 1)}
 
 
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the rows up to the restored `step`: the rows a stopped run logged after its last checkpoint
+    are trained again, and a line cut by kill -9 would corrupt the file. Rewritten atomically."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if line.endswith("\n") and json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a partial line
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
+
+
+def _needle_mix(run: RunConfig, tokenizer) -> pipeline.NeedleMix | None:
+    data = run.data
+    if not data.needle_fraction:
+        return None
+    need = max(niah.fixed_size(t, tokenizer) for t in data.tasks()) + niah.MAX_NEW_TOKENS["uuid"]
+    if not need <= data.needle_min_len <= run.train.seq_len + 1:
+        raise TrainError(f"data.needle_min_len={data.needle_min_len} must lie in [{need}, train.seq_len + 1 = "
+                         f"{run.train.seq_len + 1}] (the task prompts and answers of {data.needle_tasks} need {need})")
+    return pipeline.NeedleMix(data.needle_fraction, data.tasks(), data.needle_min_len, data.needle_curriculum_steps,
+                              tokenizer)
+
+
 def train(run: RunConfig, out: Path, *, steps: int | None = None, log: Callable[[str], None] = print,
           progress: bool = True) -> dict:
     """Train (or resume) into `out`; returns a summary with the last losses and the status."""
@@ -235,13 +284,20 @@ def train(run: RunConfig, out: Path, *, steps: int | None = None, log: Callable[
     if run.model.vocab_size < tokenizer.vocab_size:
         raise TrainError(f"model.vocab_size={run.model.vocab_size} is smaller than the {tokenizer.name} tokenizer's "
                          f"{tokenizer.vocab_size}: raise model.vocab_size")
-    _check_run_file(out, run)
+    needles = _needle_mix(run, tokenizer)
+    with _claim_run_dir(out, run):
+        return _train(run, out, steps, tokenizer, needles, log, progress)
+
+
+def _train(run: RunConfig, out: Path, steps: int, tokenizer, needles, log, progress) -> dict:
+    cfg = run.train
     train_texts, valid_texts = load_split(run.data, log)
     train_tokens = pipeline.pack(train_texts, tokenizer, seed=cfg.seed)
     valid_batches = pipeline.eval_batches(pipeline.pack(valid_texts, tokenizer, seed=None), seq_len=cfg.seq_len,
                                           batch_size=cfg.batch_size, max_batches=cfg.eval_batches)
     dataset = pipeline.train_dataset(train_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                                     shard_index=jax.process_index(), shard_count=jax.process_count())
+                                     shard_index=jax.process_index(), shard_count=jax.process_count(),
+                                     needles=needles)
     iterator = iter(dataset)
 
     mesh = make_mesh(cfg.fsdp)
@@ -263,6 +319,7 @@ def train(run: RunConfig, out: Path, *, steps: int | None = None, log: Callable[
     from tensorboardX import SummaryWriter
 
     writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None)
+    _trim_metrics(out / "metrics.jsonl", start)
     metrics_file = (out / "metrics.jsonl").open("a")
     bar = None
     if progress:
@@ -354,6 +411,19 @@ def load_trained_model(run_dir: str | Path, which: str = "latest") -> tuple[Tita
         step = manager.best_step() if which == "best" else manager.latest_step()
         if step is None:
             raise TrainError(f"{folder} holds no checkpoint yet")
-        restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(nnx.state(model))))
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(nnx.state(model))))
+        except Exception as err:  # orbax raises several types for a tree that differs from the target
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TrainError(f"{folder}/{step} does not match the model of {run_dir / RUN_FILE}: {first}") from None
     nnx.update(model, restored["model"])
     return model, run
+
+
+def load_model(model_dir: str | Path | None = None, checkpoint: str | Path | None = None,
+               which: str = "latest") -> tuple[TitansLM, object]:
+    """(model, tokenizer) from an exported folder (`model_dir`) or a run folder (`checkpoint`)."""
+    if model_dir is not None:
+        return TitansLM.from_pretrained(model_dir), get_tokenizer(pretrained.read_config(model_dir)["tokenizer"]["name"])
+    model, run = load_trained_model(checkpoint, which)
+    return model, get_tokenizer(run.data.tokenizer)

@@ -10,9 +10,12 @@ sees exactly the batches the uninterrupted one would.
 
 from __future__ import annotations
 
+import dataclasses
+
 import grain
 import numpy as np
 
+from train.data import niah
 from train.data.tokenizer import ByteTokenizer
 
 
@@ -31,16 +34,42 @@ def windows(tokens: np.ndarray, seq_len: int) -> grain.MapDataset:
     return grain.MapDataset.range(count).map(lambda i: tokens[i * seq_len : i * seq_len + seq_len + 1].astype(np.int32))
 
 
+@dataclasses.dataclass(frozen=True)
+class NeedleMix:
+    """Replace a `fraction` of the training rows by needle tasks (the retrieval recipe): a task prompt
+    of a random length at the end of the row, answered, with training text before it. Its length is
+    drawn from [min_len, cap], where cap grows linearly from min_len to the row length over the first
+    `curriculum_steps` steps. Rows are a pure function of (seed, row index), so resume stays exact."""
+
+    fraction: float
+    tasks: tuple[str, ...]
+    min_len: int
+    curriculum_steps: int
+    tokenizer: ByteTokenizer
+
+    def row(self, index: int, window: np.ndarray, haystack: np.ndarray, seed: tuple[int, ...],
+            batch_size: int) -> np.ndarray:
+        rng = np.random.default_rng([*seed, index])
+        if rng.random() >= self.fraction:
+            return window
+        progress = min(1.0, (index // batch_size) / self.curriculum_steps) if self.curriculum_steps else 1.0
+        cap = int(self.min_len + progress * (len(window) - self.min_len))
+        return niah.needle_row(rng, len(window), self.min_len, cap, self.tasks, self.tokenizer, haystack)
+
+
 def train_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, shard_index: int = 0,
-                  shard_count: int = 1, prefetch: int = 4) -> grain.IterDataset:
+                  shard_count: int = 1, prefetch: int = 4, needles: NeedleMix | None = None) -> grain.IterDataset:
     """Endless batches `[batch_size, seq_len + 1]` of shuffled windows (reshuffled every epoch),
-    this process's shard of them."""
+    this process's shard of them; `needles` mixes in the needle tasks."""
     count = (len(tokens) - 1) // seq_len
     order = grain.MapDataset.range(count).shuffle(seed=seed)[shard_index::shard_count]
     if len(order) < batch_size:
         raise ValueError(f"this shard has {len(order)} windows of {seq_len + 1} tokens, fewer than batch_size "
                          f"{batch_size}: use more text or a smaller train.seq_len / train.batch_size")
     ds = order.repeat(None).map(lambda i: tokens[i * seq_len : i * seq_len + seq_len + 1].astype(np.int32))
+    if needles is not None:
+        row_seed = (seed, shard_index)
+        ds = ds.map_with_index(lambda index, window: needles.row(index, window, tokens, row_seed, batch_size))
     ds = ds.batch(batch_size, drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
 

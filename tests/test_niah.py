@@ -1,0 +1,180 @@
+"""Needle-in-a-haystack: prompts have the exact length with the needle at its depth; scoring follows
+passkey / RULER; the runner streams whole prompts in pieces (a model that reads the needle back scores
+100%, one that misses a piece scores 0); training rows of the retrieval recipe; script errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train import niah_eval
+from train.config import ConfigError, DataConfig, load_run_config
+from train.data import niah, pipeline
+from train.data.tokenizer import ByteTokenizer
+from train.trainer import TrainError, train
+
+ROOT = Path(__file__).resolve().parent.parent
+TOK = ByteTokenizer()
+HAYSTACK = np.asarray(TOK.encode("It was a fine day. The rain had stopped. She walked to the village. " * 40), np.int32)
+NEEDLE = {"passkey": r"The pass key is (\d+)\.", "s-niah-1": r"magic numbers for [a-z-]+ is: (\d+)\.",
+          "s-niah-2": r"magic numbers for [a-z-]+ is: (\d+)\.", "s-niah-3": r"magic uuids for [a-z-]+ is: ([0-9a-f-]{36})\."}
+
+
+@pytest.mark.parametrize("task", list(niah.TASKS))
+@pytest.mark.parametrize("length", [600, 1000, 1537])
+def test_sample_has_exact_length_and_needle_at_depth(task, length):
+    for depth in (0.0, 0.3, 1.0):
+        s = niah.make_sample(task, length, depth, seed=7, tokenizer=TOK, haystack=HAYSTACK)
+        assert s.tokens.shape == (length,) and s.tokens.dtype == np.int32
+        text = TOK.decode(s.tokens)
+        found = [m.group(1) for m in re.finditer(NEEDLE[task], text)]
+        assert found == [s.expected] and text.count(s.expected) == 2 - (task != "passkey")
+        assert TOK.decode(s.tokens[s.needle_at :]).lstrip().startswith(("The pass key", "One of the special"))
+        header = len(TOK.encode(text.split("\n")[0] + "\n"))
+        needle = re.match(r"\nThe pass key is \d+\. Remember it\. \d+ is the pass key\.\n|"
+                          r" One of the special magic \w+ for [a-z-]+ is: [0-9a-f-]+\.", TOK.decode(s.tokens[s.needle_at:]))
+        filler = length - header - len(TOK.encode(text[text.index("\nWhat is"):])) - len(TOK.encode(needle.group()))
+        position = (s.needle_at - header) / filler
+        # passkey: any token; S-NIAH: the nearest sentence end (one every ~20 tokens here)
+        assert abs(position - depth) <= (0.01 if task == "passkey" else 30 / filler), (depth, position)
+    a, b = (niah.make_sample(task, length, 0.5, seed, TOK, HAYSTACK) for seed in (1, 2))
+    assert a.expected != b.expected
+    assert np.array_equal(a.tokens, niah.make_sample(task, length, 0.5, 1, TOK, HAYSTACK).tokens)
+
+
+def test_lengths_below_the_prompt_fail():
+    need = niah.fixed_size("s-niah-3", TOK)
+    niah.make_sample("s-niah-3", need, 0.5, 0, TOK, HAYSTACK)
+    with pytest.raises(ValueError, match=f"use lengths >= {need}"):
+        niah.make_sample("s-niah-3", need - 50, 0.5, 0, TOK, HAYSTACK)
+    grid = niah_eval.Grid(("passkey",), (4096, 100), (0.5,))
+    with pytest.raises(ValueError, match="length 100 is below the passkey prompt"):
+        niah_eval.check_lengths(grid, TOK)
+    with pytest.raises(ValueError, match="unknown task 'niah'"):
+        niah_eval.Grid(("niah",), (4096,), (0.5,))
+
+
+def test_scoring():
+    assert niah.score("passkey", "4217", " 4217. Remember")
+    assert not niah.score("passkey", "4217", " 42170")
+    assert not niah.score("passkey", "4217", " 17 then 4217")  # the first integer counts
+    assert niah.score("s-niah-3", "ab-CD", "it is AB-cd.")
+    assert not niah.score("s-niah-1", "1234567", " 123456")
+
+
+def test_parse_and_format_lengths():
+    assert [niah_eval.parse_length(s) for s in ("4096", "4K", "2M")] == [4096, 4096, 2_097_152]
+    assert niah_eval.format_length(2_097_152) == "2M" and niah_eval.format_length(1000) == "1000"
+    with pytest.raises(ValueError, match="positive count"):
+        niah_eval.parse_length("2G")
+
+
+class ReaderModel:
+    """Reads the whole stream and, after the question, answers with the needle's value it saw (or,
+    with `skip` set, misses the first prefill piece). Checks that the runner streams every token once."""
+
+    def __init__(self, skip: bool = False):
+        self.skip = skip
+
+    def init_state(self, batch: int):
+        return [[] for _ in range(batch)]
+
+    def extend(self, tokens, state):
+        tokens = np.asarray(tokens)
+        logits = np.full((tokens.shape[0], tokens.shape[1], 260), -1.0, np.float32)
+        for row, ids in enumerate(tokens):
+            if self.skip and not state[row]:
+                state[row].append(None)  # the first piece is lost
+            else:
+                state[row].extend(int(i) for i in ids)
+            seen = TOK.decode([i for i in state[row] if i is not None])
+            marker = "? The pass key is" if "pass key" in seen else "provided text is"
+            prompt, _, answered = seen.partition(marker)
+            value = re.search(r"(?:is: |The pass key is )([0-9a-f-]+)\.", prompt)
+            answer = f" {value.group(1) if value else '?'}\n"
+            logits[row, -1, TOK.encode(answer[min(len(answered), len(answer) - 1)])[0]] = 1.0
+        return jnp.asarray(logits), state
+
+
+def test_runner_streams_whole_prompts_and_scores():
+    grid = niah_eval.Grid(tuple(niah.TASKS), (1500, 2048), (0.0, 0.5, 1.0), samples=2, seed=3)
+    results = list(niah_eval.run(ReaderModel(), TOK, grid, haystack=HAYSTACK, batch=4, piece=512))
+    assert len(results) == 4 * 2 * 3 * 2
+    assert all(r["correct"] for r in results), [r for r in results if not r["correct"]][:2]
+    assert len({r["expected"] for r in results}) == len(results)
+    missed = list(niah_eval.run(ReaderModel(skip=True), TOK, grid, haystack=HAYSTACK, batch=3, piece=512))
+    depth0 = [r for r in missed if r["depth"] == 0.0]
+    assert depth0 and not any(r["correct"] for r in depth0)  # the needle was in the lost piece
+    table = niah_eval.accuracy_table(results)
+    assert table == {t: {1500: 100.0, 2048: 100.0} for t in niah.TASKS}
+    md = niah_eval.markdown(missed, "t")
+    assert "| passkey |" in md and "| 0% |" in md
+
+
+def test_needle_rows_are_deterministic_and_answered():
+    mix = pipeline.NeedleMix(0.5, ("passkey", "s-niah-2"), 448, 10, TOK)
+    rows = [mix.row(i, HAYSTACK[:1025].copy(), HAYSTACK, (0, 0), batch_size=2) for i in range(40)]
+    again = [mix.row(i, HAYSTACK[:1025].copy(), HAYSTACK, (0, 0), batch_size=2) for i in range(40)]
+    assert all(np.array_equal(a, b) for a, b in zip(rows, again))
+    tasks = [(i, r) for i, r in enumerate(rows) if not np.array_equal(r, HAYSTACK[:1025])]
+    assert 10 <= len(tasks) <= 30 and all(r.shape == (1025,) for _, r in tasks)
+    lengths = []
+    for i, r in tasks:
+        text = TOK.decode(r)
+        value = re.search(r"(?:is: |The pass key is )(\d+)\.", text).group(1)
+        assert text.endswith(f" is {value}.\n")
+        # the curriculum caps a task's length: 448 tokens at step 0, the whole row from step 10
+        length = 1025 - text.index("There is an important" if "pass key" in text else "A special magic")
+        assert 448 <= length <= 448 + min(1, (i // 2) / 10) * (1025 - 448), (i, length)
+        lengths.append(length)
+    assert max(lengths) > 900
+
+
+def test_needle_config_is_validated():
+    with pytest.raises(ConfigError, match="unknown task 'bogus'"):
+        DataConfig(needle_fraction=0.5, needle_tasks="passkey,bogus")
+    with pytest.raises(ConfigError, match="needle_fraction"):
+        DataConfig(needle_fraction=1.5)
+
+
+def test_script_smoke_and_errors(tmp_path):
+    """A random tiny model end to end (results.json, results.md); bad inputs fail in one line."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import niah as script
+    finally:
+        sys.path.pop(0)
+    hay = tmp_path / "hay.txt"
+    hay.write_text("The rain had stopped. She walked to the village. " * 30)
+    out = tmp_path / "out"
+    summary = script.main(script.parse_args(["--preset", "tiny", "--tasks", "passkey,s-niah-2", "--lengths", "512,1K",
+                                             "--depths", "2", "--haystack", str(hay), "--out", str(out),
+                                             "--no-progress", "--piece", "256"]))
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["samples"]) == 2 * 2 * 2 and saved["tokenizer"] == "byte" and saved["peak_rss_mb"] > 0
+    assert set(saved["accuracy"]) == {"passkey", "s-niah-2"} and summary["variant"] == "mac"
+    assert "| s-niah-2 |" in (out / "results.md").read_text()
+    for args, message in [
+        (["--preset", "tiny", "--tasks", "nope"], "unknown task 'nope'"),
+        (["--preset", "tiny", "--lengths", "100"], "length 100 is below"),
+        (["--checkpoint", str(tmp_path), "--set", "model.d_model=8"], "--set changes a preset"),
+        (["--checkpoint", str(tmp_path)], "is not a run folder"),
+    ]:
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "niah.py"), *args, "--out", str(tmp_path / "x")],
+                              capture_output=True, text=True)
+        assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [f"niah: {proc.stderr.strip()[6:]}"]
+        assert message in proc.stderr, proc.stderr
+
+
+def test_bad_needle_length_fails_before_touching_the_run(tmp_path):
+    run = load_run_config("tiny", ["data.needle_fraction=0.5"])  # rows of 65 tokens cannot hold a task
+    with pytest.raises(TrainError, match=r"data.needle_min_len=512 must lie in \[409, train.seq_len \+ 1 = 65\]"):
+        train(run, tmp_path / "run", progress=False, log=lambda s: None)
+    assert not (tmp_path / "run").exists()

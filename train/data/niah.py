@@ -1,0 +1,154 @@
+"""Needle-in-a-haystack prompts of an exact token length: classic passkey and RULER-style S-NIAH-1/2/3.
+
+A prompt is `header | filler[:a] | needle | filler[a:] | question`, exactly `length` tokens; the
+model's greedy continuation is scored against the needle's value.
+
+- `passkey` (Mohtashami & Jaggi 2023): the grass/sky/sun noise, "The pass key is K. Remember it.
+  K is the pass key." at any token of the filler, K uniform in 1..50000; the first integer of the
+  answer must equal K.
+- `s-niah-1/2/3` (RULER's niah_single_1/2/3): "One of the special magic numbers for {key} is:
+  {value}." after a sentence end of the noise (1) or of real text (2: 7-digit number; 3: UUID);
+  correct when the value appears in the answer (RULER's string match, case-insensitive).
+
+`depth` in [0, 1] is the fraction of the filler before the needle. The real-text haystack is the
+held-out text given (Austen by default, whitespace-normalised and repeated as RULER repeats its
+essays) starting at a seeded offset. Keys are "adjective-noun" pairs from the short lists below.
+The same builder makes the training rows of the retrieval recipe (`needle_row`), with training
+text as the haystack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import uuid
+
+import numpy as np
+
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_HEADER = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+                  "I will quiz you about the important information there.\n")
+ADJECTIVES = ("quiet brave amber hollow swift pale silver crooked gentle bitter narrow ancient curious golden "
+              "restless frozen humble distant velvet scarlet hidden patient rusty lucky").split()
+NOUNS = ("harbor lantern meadow falcon orchard compass violin glacier ribbon cottage thistle beacon saddle "
+         "pebble canyon quarry walnut anchor kettle sparrow tapestry ladder garnet willow").split()
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    haystack: str  # "noise" or "text"
+    value: str  # "passkey", "number" or "uuid"
+
+
+TASKS = {
+    "passkey": Task("noise", "passkey"),
+    "s-niah-1": Task("noise", "number"),
+    "s-niah-2": Task("text", "number"),
+    "s-niah-3": Task("text", "uuid"),
+}
+MAX_NEW_TOKENS = {"passkey": 10, "number": 12, "uuid": 44}  # byte tokens: the value, a space, some slack
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    task: str
+    length: int
+    depth: float
+    seed: int
+    tokens: np.ndarray  # [length] int32: the prompt
+    expected: str
+    needle_at: int  # token index where the needle starts
+
+
+def check_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}: choose from {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def normalise(text: str) -> str:
+    """Whitespace runs to one space (RULER normalises its essays the same way)."""
+    return " ".join(text.split())
+
+
+def _parts(task_name: str, rng: np.random.Generator) -> tuple[str, str, str, str]:
+    """(header, needle, question, expected value) for one sample."""
+    task = check_task(task_name)
+    if task.value == "passkey":
+        key = str(int(rng.integers(1, 50001)))
+        return (PASSKEY_HEADER, f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n",
+                "\nWhat is the pass key? The pass key is", key)
+    word = task.value
+    name = f"{ADJECTIVES[rng.integers(len(ADJECTIVES))]}-{NOUNS[rng.integers(len(NOUNS))]}"
+    if word == "uuid":
+        value = str(uuid.UUID(int=int.from_bytes(rng.bytes(16), "little"), version=4))
+    else:
+        value = str(int(rng.integers(1_000_000, 10_000_000)))
+    header = (f"A special magic {word} is hidden within the following text. Make sure to memorize it. "
+              f"I will quiz you about the {word} afterwards.\n")
+    needle = f" One of the special magic {word}s for {name} is: {value}."
+    question = (f"\nWhat is the special magic {word} for {name} mentioned in the provided text? "
+                f"The special magic {word} for {name} mentioned in the provided text is")
+    return header, needle, question, value
+
+
+def fixed_size(task_name: str, tokenizer) -> int:
+    """The most tokens a prompt of this task needs besides its filler (the shortest legal length)."""
+    rng = np.random.default_rng(0)
+    sizes = []
+    for _ in range(16):  # values differ in length (passkey 1-5 digits); take the longest seen and pad
+        sizes.append(sum(len(tokenizer.encode(p)) for p in _parts(task_name, rng)[:3]))
+    return max(sizes) + 4
+
+
+def make_sample(task_name: str, length: int, depth: float, seed: int, tokenizer,
+                haystack: np.ndarray | None = None) -> Sample:
+    """One prompt of exactly `length` tokens. `haystack`: the real-text tokens (tasks on "text")."""
+    task = check_task(task_name)
+    if not 0 <= depth <= 1:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    rng = np.random.default_rng(seed)
+    header, needle, question, expected = _parts(task_name, rng)
+    head, pin, tail = (np.asarray(tokenizer.encode(p), np.int32) for p in (header, needle, question))
+    n = length - len(head) - len(pin) - len(tail)
+    if n < 0:
+        raise ValueError(f"length {length} is below the {task_name} prompt's {length - n} fixed tokens: "
+                         f"use lengths >= {fixed_size(task_name, tokenizer)}")
+    if task.haystack == "noise":
+        source, offset = np.asarray(tokenizer.encode(NOISE), np.int32), 0
+    else:
+        if haystack is None or len(haystack) == 0:
+            raise ValueError(f"task {task_name} needs a real-text haystack")
+        source, offset = haystack, int(rng.integers(len(haystack)))
+    filler = source[(offset + np.arange(n)) % len(source)].astype(np.int32)
+    at = int(round(depth * n))
+    if task.value != "passkey":  # RULER puts the needle after a sentence end
+        period = tokenizer.encode(".")[-1]
+        ends = np.flatnonzero(filler[:-1] == period) + 1
+        if len(ends):
+            at = int(ends[np.argmin(np.abs(ends - at))])
+    tokens = np.concatenate([head, filler[:at], pin, filler[at:], tail])
+    return Sample(task_name, length, depth, seed, tokens, expected, len(head) + at)
+
+
+def score(task_name: str, expected: str, answer: str) -> bool:
+    """Passkey: the answer's first integer equals the key. S-NIAH: the value occurs in the answer."""
+    if check_task(task_name).value == "passkey":
+        found = re.search(r"\d+", answer)
+        return found is not None and found.group() == expected
+    return expected.lower() in answer.lower()
+
+
+def needle_row(rng: np.random.Generator, row_len: int, min_len: int, max_len: int, tasks: tuple[str, ...],
+               tokenizer, haystack: np.ndarray) -> np.ndarray:
+    """A training row of `row_len` tokens: haystack text, then a task prompt of a random length in
+    [min_len, max_len] (answer included) at a random depth, answered (" value.\\n")."""
+    task = tasks[int(rng.integers(len(tasks)))]
+    seed = int(rng.integers(2**31))
+    expected = _parts(task, np.random.default_rng(seed))[3]
+    answer = np.asarray(tokenizer.encode(f" {expected}.\n"), np.int32)
+    length = int(rng.integers(min_len, min(max_len, row_len) + 1)) - len(answer)
+    sample = make_sample(task, length, float(rng.random()), seed, tokenizer, haystack)
+    start = int(rng.integers(len(haystack)))
+    prefix = haystack[(start + np.arange(row_len - length - len(answer))) % len(haystack)].astype(np.int32)
+    return np.concatenate([prefix, sample.tokens, answer])

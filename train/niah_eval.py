@@ -1,0 +1,164 @@
+"""Run a needle-in-a-haystack grid on a model: tasks x lengths x depths x samples.
+
+Each prompt is streamed through `model.extend` in pieces (state and memory stay constant at any
+length), then the answer is decoded greedily. Rows of the same task and length run as one batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+
+from titans.sampling import generate
+from train.data import niah
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    tasks: tuple[str, ...]
+    lengths: tuple[int, ...]
+    depths: tuple[float, ...]
+    samples: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        for task in self.tasks:
+            niah.check_task(task)
+        if not self.lengths or not self.depths or self.samples < 1:
+            raise ValueError("a grid needs at least one length, one depth and samples >= 1")
+        for depth in self.depths:
+            if not 0 <= depth <= 1:
+                raise ValueError(f"depths must lie in [0, 1], got {depth}")
+
+    def cells(self) -> list[tuple[str, int]]:
+        return [(task, length) for task in self.tasks for length in self.lengths]
+
+    def rows(self, task: str, length: int) -> list[tuple[float, int]]:
+        """(depth, sample seed) of every sample of one cell; seeds differ per task, length, depth, sample."""
+        t = tuple(niah.TASKS).index(task)
+        return [(d, int(np.random.default_rng([self.seed, t, length, i, s]).integers(2**31)))
+                for i, d in enumerate(self.depths) for s in range(self.samples)]
+
+    def total_tokens(self) -> int:
+        return sum(length * len(self.depths) * self.samples for _, length in self.cells())
+
+
+def check_lengths(grid: Grid, tokenizer) -> None:
+    """Fail before any work when a length cannot hold a task's prompt."""
+    for task in grid.tasks:
+        need = niah.fixed_size(task, tokenizer)
+        short = [n for n in grid.lengths if n < need]
+        if short:
+            raise ValueError(f"length {short[0]} is below the {task} prompt's fixed size: use lengths >= {need}")
+
+
+def run(model, tokenizer, grid: Grid, *, haystack: np.ndarray | None, batch: int = 4, piece: int = 4096,
+        on_tokens: Callable[[int], None] | None = None) -> Iterator[dict]:
+    """Yields one result per sample: task, length, depth, seed, needle_at, expected, got, correct,
+    seconds (its batch's wall time shared by its rows)."""
+    check_lengths(grid, tokenizer)
+    for task, length in grid.cells():
+        rows = grid.rows(task, length)
+        max_new = niah.MAX_NEW_TOKENS[niah.TASKS[task].value]
+        for i in range(0, len(rows), batch):
+            samples = [niah.make_sample(task, length, d, s, tokenizer, haystack) for d, s in rows[i : i + batch]]
+            t0 = time.perf_counter()
+            new = generate(model, np.stack([s.tokens for s in samples]), max_new, jax.random.key(0),
+                           temperature=0.0, prefill_piece=piece)
+            seconds = (time.perf_counter() - t0) / len(samples)
+            if on_tokens is not None:
+                on_tokens(length * len(samples))
+            for sample, ids in zip(samples, new):
+                got = tokenizer.decode(ids).split("\n")[0]
+                yield {"task": task, "length": length, "depth": sample.depth, "seed": sample.seed,
+                       "needle_at": sample.needle_at, "expected": sample.expected, "got": got,
+                       "correct": niah.score(task, sample.expected, got), "seconds": round(seconds, 3)}
+
+
+def accuracy_table(results: list[dict]) -> dict[str, dict[int, float]]:
+    """task -> length -> accuracy in %."""
+    cells = defaultdict(list)
+    for r in results:
+        cells[r["task"], r["length"]].append(r["correct"])
+    table = defaultdict(dict)
+    for (task, length), hits in sorted(cells.items()):
+        table[task][length] = 100.0 * sum(hits) / len(hits)
+    return dict(table)
+
+
+def depth_grid(results: list[dict], task: str) -> tuple[list[float], list[int], np.ndarray]:
+    """(depths, lengths, accuracy [depth, length] in %) of one task, NaN where nothing ran."""
+    rows = [r for r in results if r["task"] == task]
+    depths = sorted({r["depth"] for r in rows})
+    lengths = sorted({r["length"] for r in rows})
+    hits = np.zeros((len(depths), len(lengths)))
+    counts = np.zeros_like(hits)
+    for r in rows:
+        i, j = depths.index(r["depth"]), lengths.index(r["length"])
+        hits[i, j] += r["correct"]
+        counts[i, j] += 1
+    with np.errstate(invalid="ignore"):
+        return depths, lengths, 100.0 * hits / counts
+
+
+def format_length(n: int) -> str:
+    for unit, size in (("M", 2**20), ("K", 2**10)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def parse_length(text: str) -> int:
+    """"4096", "4K" (4096) or "2M" (2,097,152)."""
+    text = text.strip().upper()
+    scale = {"K": 2**10, "M": 2**20}.get(text[-1:], 1)
+    number = text[:-1] if scale > 1 else text
+    if not number.isdigit() or int(number) < 1:
+        raise ValueError(f"length {text!r} is not a positive count such as 4096, 4K or 2M")
+    return int(number) * scale
+
+
+def markdown(results: list[dict], title: str) -> str:
+    """Accuracy by task x length, then each task's depth x length grid."""
+    table = accuracy_table(results)
+    lengths = sorted({r["length"] for r in results})
+    lines = [f"### {title}", "", "| task | " + " | ".join(format_length(n) for n in lengths) + " |",
+             "|---|" + "---:|" * len(lengths)]
+    for task, row in table.items():
+        lines.append(f"| {task} | " + " | ".join(f"{row[n]:.0f}" if n in row else "" for n in lengths) + " |")
+    for task in table:
+        depths, task_lengths, grid = depth_grid(results, task)
+        lines += ["", f"{task}, accuracy % by needle depth (rows) and length (columns):", "",
+                  "| depth | " + " | ".join(format_length(n) for n in task_lengths) + " |",
+                  "|---|" + "---:|" * len(task_lengths)]
+        for depth, row in zip(depths, grid):
+            lines.append(f"| {depth:.0%} | " + " | ".join("" if np.isnan(v) else f"{v:.0f}" for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def heatmap(results: list[dict], path, title: str) -> None:
+    """A depth x length accuracy heatmap per task (one panel each), like the published NIAH plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(accuracy_table(results))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 + 3 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        depths, lengths, grid = depth_grid(results, task)
+        image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [format_length(n) for n in lengths], rotation=45)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(task)
+    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy %")
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
