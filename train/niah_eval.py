@@ -149,15 +149,16 @@ def heatmap(results: list[dict], path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(accuracy_table(results))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 + 3 * len(tasks), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 + 3.4 * len(tasks), 3.6), squeeze=False,
+                             gridspec_kw={"wspace": 0.4})
     for ax, task in zip(axes[0], tasks):
         depths, lengths, grid = depth_grid(results, task)
         image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(lengths)), [format_length(n) for n in lengths], rotation=45)
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("needle depth")
         ax.set_title(task)
+    axes[0][0].set_ylabel("needle depth")
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy %")
     fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=120, bbox_inches="tight")
