@@ -175,6 +175,6 @@ def test_script_smoke_and_errors(tmp_path):
 
 def test_bad_needle_length_fails_before_touching_the_run(tmp_path):
     run = load_run_config("tiny", ["data.needle_fraction=0.5"])  # rows of 65 tokens cannot hold a task
-    with pytest.raises(TrainError, match=r"data.needle_min_len=512 must lie in \[409, train.seq_len \+ 1 = 65\]"):
+    with pytest.raises(TrainError, match=r"data.needle_min_len=512 must lie in \[411, train.seq_len \+ 1 = 65\]"):
         train(run, tmp_path / "run", progress=False, log=lambda s: None)
     assert not (tmp_path / "run").exists()

@@ -198,14 +198,15 @@ def _claim_run_dir(out: Path, run: RunConfig):
             raise TrainError(f"{out} holds a run with other data, seed, seq_len or batch_size: use another --out")
     out.mkdir(parents=True, exist_ok=True)
     # One lock per job: the processes of a multi-host job share `out`, and process 0 holds it.
-    lock = (out / LOCK_FILE).open("a") if jax.process_index() == 0 else contextlib.nullcontext()
-    try:
-        if jax.process_index() == 0:
+    lock = contextlib.nullcontext()
+    if jax.process_index() == 0:
+        lock = (out / LOCK_FILE).open("a")
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise TrainError(f"another process is training into {out} (it holds {out / LOCK_FILE}): wait for it to "
-                         "stop or use another --out") from None
+        except BlockingIOError:
+            lock.close()
+            raise TrainError(f"another process is training into {out} (it holds {out / LOCK_FILE}): wait for it "
+                             "to stop or use another --out") from None
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(run.to_dict(), indent=1))
     tmp.replace(path)

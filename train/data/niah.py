@@ -71,34 +71,45 @@ def normalise(text: str) -> str:
     return " ".join(text.split())
 
 
-def _parts(task_name: str, rng: np.random.Generator) -> tuple[str, str, str, str]:
-    """(header, needle, question, expected value) for one sample."""
+def _draw(task_name: str, rng: np.random.Generator) -> tuple[str, str]:
+    """The sample's random choices: (key name, value); passkey has no name."""
     task = check_task(task_name)
     if task.value == "passkey":
-        key = str(int(rng.integers(1, 50001)))
-        return (PASSKEY_HEADER, f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n",
-                "\nWhat is the pass key? The pass key is", key)
-    word = task.value
+        return "", str(int(rng.integers(1, 50001)))
     name = f"{ADJECTIVES[rng.integers(len(ADJECTIVES))]}-{NOUNS[rng.integers(len(NOUNS))]}"
-    if word == "uuid":
-        value = str(uuid.UUID(int=int.from_bytes(rng.bytes(16), "little"), version=4))
-    else:
-        value = str(int(rng.integers(1_000_000, 10_000_000)))
+    if task.value == "uuid":
+        return name, str(uuid.UUID(int=int.from_bytes(rng.bytes(16), "little"), version=4))
+    return name, str(int(rng.integers(1_000_000, 10_000_000)))
+
+
+def _texts(task_name: str, name: str, value: str) -> tuple[str, str, str]:
+    """(header, needle, question) around the value."""
+    word = check_task(task_name).value
+    if word == "passkey":
+        return (PASSKEY_HEADER, f"\nThe pass key is {value}. Remember it. {value} is the pass key.\n",
+                "\nWhat is the pass key? The pass key is")
     header = (f"A special magic {word} is hidden within the following text. Make sure to memorize it. "
               f"I will quiz you about the {word} afterwards.\n")
     needle = f" One of the special magic {word}s for {name} is: {value}."
     question = (f"\nWhat is the special magic {word} for {name} mentioned in the provided text? "
                 f"The special magic {word} for {name} mentioned in the provided text is")
-    return header, needle, question, value
+    return header, needle, question
+
+
+# The longest value of each kind: with the longest key name they make a task's longest prompt.
+_LONGEST_VALUE = {"passkey": "50000", "number": "9999999", "uuid": str(uuid.UUID(int=0))}
 
 
 def fixed_size(task_name: str, tokenizer) -> int:
     """The most tokens a prompt of this task needs besides its filler (the shortest legal length)."""
-    rng = np.random.default_rng(0)
-    sizes = []
-    for _ in range(16):  # values differ in length (passkey 1-5 digits); take the longest seen and pad
-        sizes.append(sum(len(tokenizer.encode(p)) for p in _parts(task_name, rng)[:3]))
-    return max(sizes) + 4
+    name = f"{max(ADJECTIVES, key=len)}-{max(NOUNS, key=len)}"
+    texts = _texts(task_name, name, _LONGEST_VALUE[check_task(task_name).value])
+    return sum(len(tokenizer.encode(t)) for t in texts)
+
+
+def _cycle(source: np.ndarray, offset: int, n: int) -> np.ndarray:
+    """`n` tokens of `source` from `offset`, wrapping around (a haystack repeated as needed), int32."""
+    return source[(offset + np.arange(n)) % len(source)].astype(np.int32)
 
 
 def make_sample(task_name: str, length: int, depth: float, seed: int, tokenizer,
@@ -108,8 +119,8 @@ def make_sample(task_name: str, length: int, depth: float, seed: int, tokenizer,
     if not 0 <= depth <= 1:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     rng = np.random.default_rng(seed)
-    header, needle, question, expected = _parts(task_name, rng)
-    head, pin, tail = (np.asarray(tokenizer.encode(p), np.int32) for p in (header, needle, question))
+    name, expected = _draw(task_name, rng)
+    head, pin, tail = (np.asarray(tokenizer.encode(p), np.int32) for p in _texts(task_name, name, expected))
     n = length - len(head) - len(pin) - len(tail)
     if n < 0:
         raise ValueError(f"length {length} is below the {task_name} prompt's {length - n} fixed tokens: "
@@ -120,7 +131,7 @@ def make_sample(task_name: str, length: int, depth: float, seed: int, tokenizer,
         if haystack is None or len(haystack) == 0:
             raise ValueError(f"task {task_name} needs a real-text haystack")
         source, offset = haystack, int(rng.integers(len(haystack)))
-    filler = source[(offset + np.arange(n)) % len(source)].astype(np.int32)
+    filler = _cycle(source, offset, n)
     at = int(round(depth * n))
     if task.value != "passkey":  # RULER puts the needle after a sentence end
         period = tokenizer.encode(".")[-1]
@@ -145,10 +156,10 @@ def needle_row(rng: np.random.Generator, row_len: int, min_len: int, max_len: in
     [min_len, max_len] (answer included) at a random depth, answered (" value.\\n")."""
     task = tasks[int(rng.integers(len(tasks)))]
     seed = int(rng.integers(2**31))
-    expected = _parts(task, np.random.default_rng(seed))[3]
+    expected = _draw(task, np.random.default_rng(seed))[1]  # make_sample draws the same value
     answer = np.asarray(tokenizer.encode(f" {expected}.\n"), np.int32)
     length = int(rng.integers(min_len, min(max_len, row_len) + 1)) - len(answer)
     sample = make_sample(task, length, float(rng.random()), seed, tokenizer, haystack)
     start = int(rng.integers(len(haystack)))
-    prefix = haystack[(start + np.arange(row_len - length - len(answer))) % len(haystack)].astype(np.int32)
+    prefix = _cycle(haystack, start, row_len - length - len(answer))
     return np.concatenate([prefix, sample.tokens, answer])
