@@ -15,6 +15,8 @@ from kernels.memory import MemoryState, memory_scan
 from tests.memory_cases import hand_loop, pairwise, random_inputs, state_of
 
 ARGS = ("q", "k", "v", "theta", "eta", "alpha")
+# The fast paths held to the oracle; "pallas" runs its kernels in interpret mode on CPU.
+FAST_IMPLS = ("chunked", "pallas")
 
 # Comparisons between impls run in float64, where they agree to ~1e-13: any wrong coefficient,
 # index or dropped term shows up many orders above X64_TOL. The float32 path (the one models run)
@@ -103,27 +105,28 @@ def to_f32(tree):
     return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
+@pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("index", range(len(VALUE_CASES)), ids=[_case_id(c) for c in VALUE_CASES])
-def test_chunked_matches_reference_values(index):
+def test_fast_impl_matches_reference_values(index, impl):
     case = VALUE_CASES[index]
     with jax.enable_x64(True):
         body, state, kw = _setup(case, seed=index)
         if state is None:
             y_ref, s_ref = run_fresh("reference", body, **kw)
-            y, s = run_fresh("chunked", body, **kw)
-            y_traced, s_traced = run("chunked", state_of(body), body, **kw)
-            assert_trees_close((y_traced, s_traced[:3]), (y_ref, s_ref[:3]), X64_TOL, "chunked, traced offset")
+            y, s = run_fresh(impl, body, **kw)
+            y_traced, s_traced = run(impl, state_of(body), body, **kw)
+            assert_trees_close((y_traced, s_traced[:3]), (y_ref, s_ref[:3]), X64_TOL, f"{impl}, traced offset")
         else:
             y_ref, s_ref = run("reference", state, body, **kw)
-            y, s = run("chunked", state, body, **kw)
+            y, s = run(impl, state, body, **kw)
         assert y.dtype == y_ref.dtype == jnp.float64
         assert_trees_close(y, y_ref, X64_TOL, "y")
         assert_trees_close(s[:3], s_ref[:3], X64_TOL, "state")
         assert int(s.offset) == int(s_ref.offset)
     body32 = {n: to_f32(x) if n != "mask" else x for n, x in body.items()}
-    y32, s32 = run("chunked", to_f32(state) if state is not None else state_of(body32), body32, **kw)
+    y32, s32 = run(impl, to_f32(state) if state is not None else state_of(body32), body32, **kw)
     assert y32.dtype == s32.weights[0].dtype == jnp.float32
-    assert_trees_close((y32, s32[:3]), (y_ref, s_ref[:3]), F32_TOL, "float32 chunked vs float64 reference")
+    assert_trees_close((y32, s32[:3]), (y_ref, s_ref[:3]), F32_TOL, f"float32 {impl} vs float64 reference")
 
 
 GRAD_CASES = [
@@ -148,13 +151,14 @@ def _scalar_loss(impl, inputs, offset, kw, weights, momentum, anchor, *args):
     return sum(jnp.sum(x * jax.random.normal(kk, x.shape, x.dtype)) for kk, x in zip(keys, leaves))
 
 
+@pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"L{c['depth']}-b{c['chunk']}-T{c['seq']}-o{c['start']}")
-def test_chunked_matches_reference_gradients(case):
+def test_fast_impl_matches_reference_gradients(case, impl):
     with jax.enable_x64(True):
-        _check_gradients(case)
+        _check_gradients(case, impl)
 
 
-def _check_gradients(case):
+def _check_gradients(case, impl):
     b = case["chunk"]
     inputs = random_inputs(
         11, seq=case["start"] + case["seq"], depth=case["depth"], per_layer=case["per_layer"],
@@ -165,15 +169,15 @@ def _check_gradients(case):
     state = prefix_state(inputs, case["start"], **kw) if case["start"] else state_of(body)
     primals = (state.weights, state.momentum, state.anchor, *(jnp.asarray(body[n]) for n in ARGS))
     grads = {}
-    for impl in ("reference", "chunked"):
-        loss = functools.partial(_scalar_loss, impl, body, int(state.offset), kw)
-        grads[impl] = jax.jit(jax.grad(loss, argnums=tuple(range(len(primals)))))(*primals)
+    for which in ("reference", impl):
+        loss = functools.partial(_scalar_loss, which, body, int(state.offset), kw)
+        grads[which] = jax.jit(jax.grad(loss, argnums=tuple(range(len(primals)))))(*primals)
     names = ("weights", "momentum", "anchor") + ARGS
-    for name, g_ref, g in zip(names, grads["reference"], grads["chunked"]):
+    for name, g_ref, g in zip(names, grads["reference"], grads[impl]):
         assert_trees_close(g, g_ref, X64_TOL, f"d/d{name}")
         assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g))
     # The inputs reach the outputs, so a zero gradient would mean a dropped term.
-    for name, g in zip(names[3:], grads["chunked"][3:]):
+    for name, g in zip(names[3:], grads[impl][3:]):
         assert float(jnp.max(jnp.abs(g))) > 0, name
 
 
@@ -196,13 +200,13 @@ def _check_hand_loop(depth, activation, residual_norm, chunk, offset, rbw):
     state = state_of(inputs)
     if offset:
         state = state._replace(anchor=tuple(map(jnp.asarray, anchor)), offset=jnp.asarray(offset, jnp.int32))
-    for impl in ("reference", "chunked"):
+    for impl in ("reference", *FAST_IMPLS):
         y, s = run(impl, state, inputs, **kw)
         assert_trees_close(y, y_hand, X64_TOL, f"{impl} y")
         assert_trees_close((s.weights, s.momentum, s.anchor), (tuple(w_hand), tuple(s_hand), tuple(a_hand)), X64_TOL, impl)
 
 
-@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
 def test_split_anywhere_equals_one_call(impl):
     """Spec invariant 4: two calls with the carried state == one call, wherever the split falls."""
     with jax.enable_x64(True):
@@ -228,22 +232,23 @@ def _check_split(impl):
         assert_trees_close((y2_eager, s2_eager), (y2, s2), X64_TOL, f"eager, split {split}")
 
 
-def test_token_by_token_decode_equals_one_call():
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_token_by_token_decode_equals_one_call(impl):
     """Streaming decode: one compiled call per token (offset traced) reproduces the parallel pass."""
     with jax.enable_x64(True):
-        _check_decode()
+        _check_decode(impl)
 
 
-def _check_decode():
+def _check_decode(impl):
     inputs = random_inputs(9, seq=7, depth=2, batch=1, heads=1, dtype=np.float64)
     kw = dict(chunk_size=3, residual_norm=False)
-    y_all, s_all = run("chunked", state_of(inputs), inputs, **kw)
+    y_all, s_all = run("reference", state_of(inputs), inputs, **kw)
     traces = []
 
     @jax.jit
     def step(state, *args):
         traces.append(1)  # runs once per trace, not per call
-        return memory_scan(state, *args, impl="chunked", **kw)
+        return memory_scan(state, *args, impl=impl, **kw)
 
     state, ys = state_of(inputs), []
     for t in range(7):
@@ -263,8 +268,10 @@ def test_extreme_gates_are_finite_and_exact():
     inputs["eta"][:, ::3] = 0.0
     inputs["alpha"][:, 1::4] = 1.0
     kw = dict(chunk_size=4, residual_norm=True)
-    outs = {impl: run(impl, state_of(inputs), inputs, **kw) for impl in ("reference", "chunked")}
-    assert_trees_close(outs["chunked"], outs["reference"], F32_TOL, "extreme gates")
+    impls = ("reference", *FAST_IMPLS)
+    outs = {impl: run(impl, state_of(inputs), inputs, **kw) for impl in impls}
+    for impl in FAST_IMPLS:
+        assert_trees_close(outs[impl], outs["reference"], F32_TOL, f"{impl}, extreme gates")
 
     def loss(impl, eta, alpha):
         args = [jnp.asarray(inputs[n]) for n in ARGS]
@@ -273,23 +280,21 @@ def test_extreme_gates_are_finite_and_exact():
 
     with jax.enable_x64(True):
         gates = (jnp.asarray(inputs["eta"], jnp.float64), jnp.asarray(inputs["alpha"], jnp.float64))
-        grads = {
-            impl: jax.jit(jax.grad(functools.partial(loss, impl), argnums=(0, 1)))(*gates)
-            for impl in ("reference", "chunked")
-        }
-    assert all(np.all(np.isfinite(g)) for g in grads["chunked"])
-    assert_trees_close(grads["chunked"], grads["reference"], F32_TOL, "d/d(eta, alpha) at eta=0, alpha=1")
+        grads = {impl: jax.jit(jax.grad(functools.partial(loss, impl), argnums=(0, 1)))(*gates) for impl in impls}
+    for impl in FAST_IMPLS:
+        assert all(np.all(np.isfinite(g)) for g in grads[impl])
+        assert_trees_close(grads[impl], grads["reference"], F32_TOL, f"{impl}: d/d(eta, alpha) at eta=0, alpha=1")
 
 
 def test_masked_tokens_leave_state_unchanged():
     inputs = random_inputs(6, seq=6, depth=2)
     inputs["mask"] = np.zeros((2, 6), bool)
-    for impl in ("reference", "chunked"):
+    for impl in ("reference", *FAST_IMPLS):
         _, s = run(impl, state_of(inputs), inputs, chunk_size=4, residual_norm=True)
         assert_trees_close((s.weights, s.momentum), (inputs["weights"], inputs["momentum"]), 0.0, impl)
 
 
-@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
 def test_check_grads_float64(impl):
     """Finite differences in float64 (float32 differences of this recurrence are noise)."""
     with jax.enable_x64(True):
@@ -307,12 +312,14 @@ def test_check_grads_float64(impl):
         jax.test_util.check_grads(f, primals, order=1, modes=["rev"], eps=1e-6, atol=1e-7, rtol=1e-7)
 
 
-def test_auto_is_chunked_and_pallas_not_yet():
+def test_auto_is_chunked_on_cpu_and_compiled_pallas_names_the_unsupported_shape():
     inputs = random_inputs(1, seq=5)
     kw = dict(chunk_size=2, residual_norm=True)
+    assert jax.default_backend() == "cpu"
     assert_trees_close(run("auto", state_of(inputs), inputs, **kw), run("chunked", state_of(inputs), inputs, **kw), 0.0)
-    with pytest.raises(NotImplementedError, match="pallas"):
-        run("pallas", state_of(inputs), inputs, **kw)
+    args = [jnp.asarray(inputs[n]) for n in ARGS]
+    with pytest.raises(ValueError, match="chunk_size is 2; the Triton kernel needs a power of two >= 16"):
+        memory_scan(state_of(inputs), *args, impl="pallas", interpret=False, **kw)
 
 
 def test_bf16_inputs_keep_float32_state():

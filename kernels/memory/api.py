@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 
 from kernels.memory.chunked import memory_scan_chunked
 from kernels.memory.common import ACTIVATIONS, MemoryState
+from kernels.memory.pallas import memory_scan_pallas, supported
 from kernels.memory.reference import memory_scan_reference
 
 Impl = Literal["reference", "chunked", "pallas", "auto"]
@@ -91,6 +93,25 @@ def _check_ranges(theta, eta, alpha) -> None:
                 raise ValueError(f"{name} must lie in [{lo}, {hi}] and be finite, found {x[~ok].ravel()[0]}")
 
 
+def _interpret(interpret: bool | None) -> bool:
+    """Pallas interpret mode: as asked, else exactly where no compiled kernel can run (CPU)."""
+    return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+
+
+def _resolve(impl: str, interpret: bool | None, chunk_size: int, head_dim: int, state: MemoryState, dtype) -> str:
+    """`auto` -> the Pallas kernel on GPU for the shapes it compiles, else `chunked`; a shape
+    that an explicitly requested compiled Pallas kernel cannot run is one clear error."""
+    weights = tuple(state.weights)
+    hidden = weights[0].shape[-1] if len(weights) > 1 else head_dim
+    why_not = supported(chunk_size, head_dim, hidden, dtype)
+    if impl == "auto":
+        # TPU (Mosaic) lowering of the kernel is not verified yet, so TPUs run the chunk scan.
+        return "pallas" if jax.default_backend() == "gpu" and why_not is None else "chunked"
+    if impl == "pallas" and not _interpret(interpret) and why_not is not None:
+        raise ValueError(f"memory_scan(impl='pallas') cannot compile this shape: {why_not}; use impl='chunked' or 'auto'")
+    return impl
+
+
 def memory_scan(
     state: MemoryState,
     q: jax.Array,
@@ -114,8 +135,11 @@ def memory_scan(
     mask: `[B, T]` bool (False = the token does not write). Returns `y [B, T, H, D]` (dtype of q)
     and the state after the last token; splitting a call anywhere with the carried state equals
     one call. See `../../../shared/spec/titans.md` sections 1-2 and this folder's README.
+
+    impl: "auto" (the Pallas kernel on GPU where `pallas.supported`, else "chunked"), "chunked",
+    "pallas" or "reference" (the token loop, the oracle). interpret: run Pallas in interpret mode;
+    None = only where nothing else can run it (CPU).
     """
-    del interpret  # Pallas only; that impl does not exist yet
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
@@ -138,15 +162,17 @@ def memory_scan(
             f"state.offset is {int(state.offset)}, must be in [0, chunk_size={chunk_size}): "
             "a state must be used with the chunk_size it was built with"
         )
-    if impl == "pallas":
-        raise NotImplementedError("memory_scan(impl='pallas') is not implemented yet; use 'chunked' or 'auto'")
+    impl = _resolve(impl, interpret, chunk_size, q.shape[-1], state, dtype)
 
     if theta.ndim == 3:
         theta = jnp.broadcast_to(theta[..., None], theta.shape + (depth,))
     if mask is None:
         mask = jnp.ones(q.shape[:2], jnp.bool_)
     cast = lambda x: x.astype(dtype)
-    fn = memory_scan_reference if impl == "reference" else memory_scan_chunked
+    if impl == "pallas":
+        fn = functools.partial(memory_scan_pallas, interpret=_interpret(interpret))
+    else:
+        fn = memory_scan_reference if impl == "reference" else memory_scan_chunked
     y, new_state = fn(
         state, *map(cast, (q, k, v, theta, eta, alpha)), mask,
         chunk_size=int(chunk_size), activation=activation, residual_norm=residual_norm,

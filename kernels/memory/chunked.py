@@ -10,7 +10,10 @@ position `offset + t`, and positions outside the call are padding that leaves th
 (exactly what the write mask does). A traced offset needs one chunk more than a known one, so a
 concrete offset is used as a Python int.
 
-Training: the chunk step has a hand-written VJP (`_chunk_backward`; +21% training tokens/s over
+The per-chunk math (`chunk_forward`, `chunk_backward`) runs on any leading axes, so the Pallas
+kernels (`pallas.py`) call the same functions on one (batch, head) tile.
+
+Training: the chunk step has a hand-written VJP (`chunk_backward`; +21% training tokens/s over
 autodiff on CPU), and the chunk scan is rematerialised in groups of ~sqrt(n) chunks, so backprop
 keeps O(sqrt(n)) copies of the state instead of three per chunk.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +36,8 @@ from kernels.memory.common import (
     matmul_nt,
     matmul_tn,
     memory_output,
+    XLA_ROWS,
     mlp_layers,
-    row_sum,
 )
 
 
@@ -63,56 +67,70 @@ def _derivative(fn):
     return lambda z: jax.jvp(fn, (z,), (jnp.ones_like(z),))[1]
 
 
-def _coefficients(eta, alpha, valid, read_before_write):
-    """The chunk's decay/momentum coefficients (spec appendix A).
+class Coefficients(NamedTuple):
+    """A chunk's decay/momentum coefficients (spec appendix A); `b` is the chunk length.
 
-    eta, alpha [B, H, b]; valid [B, 1, b]. Returns the readout rows (Dc[t,t0], c_t, G[t,j], shifted
-    down one row with read_before_write) and the chunk-end ones (Dc[b,t0], c_b, H[b,t0] [B, H];
-    G[b,j], H[b,j] [B, H, b]). Invalid positions (padding, write mask) get eta = 1, alpha = 0 and no
-    S-carry term, so they pass the state through unchanged.
+    Readout rows (shifted down one row with read_before_write): d0 `[..., b]` = Dc[t, t0],
+    c `[..., b]` = c_t, gamma `[..., b, b]` = G[t, j]. Chunk end: d0_end, c_end, h0_end `[...]` =
+    Dc[b, t0], c_b, H[b, t0]; gamma_end, mom_end `[..., b]` = G[b, j], H[b, j].
+    """
+
+    d0: jax.Array
+    c: jax.Array
+    gamma: jax.Array
+    d0_end: jax.Array
+    c_end: jax.Array
+    h0_end: jax.Array
+    gamma_end: jax.Array
+    mom_end: jax.Array
+
+
+def chunk_coefficients(eta, alpha, valid, read_before_write) -> Coefficients:
+    """eta, alpha `[..., b]`; valid `[..., b]` bool (broadcasts against them).
+
+    Invalid positions (padding, write mask) get eta = 1, alpha = 0 and no S-carry term, so they
+    pass the state through unchanged (their theta must be 0 too).
     """
     eta = jnp.where(valid, eta, 1.0)
     keep = jnp.where(valid, 1.0 - alpha, 1.0)
-    mom = decay_products(eta)  # H of the spec, [B, H, b+1, b+1]
+    mom = decay_products(eta)  # H of the spec, [..., b+1, b+1]
     dec = decay_products(keep)  # Dc of the spec
-    h0 = mom[..., 1:, 0]  # H[t, t0], [B, H, b]
+    h0 = mom[..., 1:, 0]  # H[t, t0], [..., b]
     d0 = dec[..., 1:, 0]  # Dc[t, t0]
     dec_valid = dec[..., 1:, 1:] * valid[..., None, :].astype(dec.dtype)  # Dc[t, s], masked s dropped
-    gamma = matmul(dec_valid, mom[..., 1:, 1:])  # G[t, j], [B, H, b, b]
-    c = matmul(dec_valid, h0[..., None])[..., 0]  # c_t, [B, H, b]
+    gamma = matmul(dec_valid, mom[..., 1:, 1:])  # G[t, j], [..., b, b]
+    c = matmul(dec_valid, h0[..., None])[..., 0]  # c_t, [..., b]
+    ends = (d0[..., -1], c[..., -1], h0[..., -1], gamma[..., -1, :], mom[..., -1, 1:])
     if read_before_write:
-        rows = (_shift_rows(d0, 1.0, -1), _shift_rows(c, 0.0, -1), _shift_rows(gamma, 0.0, -2))
-    else:
-        rows = (d0, c, gamma)
-    return rows, (d0[..., -1], c[..., -1], h0[..., -1], gamma[..., -1, :], mom[..., -1, 1:])
+        return Coefficients(_shift_rows(d0, 1.0, -1), _shift_rows(c, 0.0, -1), _shift_rows(gamma, 0.0, -2), *ends)
+    return Coefficients(d0, c, gamma, *ends)
 
 
-def _key_error(out, k, v, residual_norm):
-    """d loss / d out for the memory's last pre-activation `out` [B, H, b, D] (the error delta^(L))."""
-    return jax.grad(lambda o: associative_loss(memory_output(k, o, residual_norm), v))(out)
+def _key_error(out, k, v, residual_norm, rows):
+    """d loss / d out for the memory's last pre-activation `out` [..., b, D] (the error delta^(L))."""
+    return jax.grad(lambda o: associative_loss(memory_output(k, o, residual_norm, rows), v))(out)
 
 
-def _chunk_forward(carry, xs, config):
-    """One chunk. carry: (weights, momentum, anchor), each a tuple of [B, H, in, out].
+def chunk_forward(carry, inputs, coef: Coefficients, completes, config):
+    """One chunk of the chunk form, on any leading axes (`[B, H]` here, none in a Pallas kernel).
 
-    xs: q, k, v [B, H, b, D]; theta [B, H, b, L]; eta, alpha [B, H, b]; valid [B, 1, b] bool;
-    completes [] bool (this chunk ends inside the call, so the next chunk re-anchors).
-    Returns ((new carry), y [B, H, b, D]) and the residuals of `_chunk_backward`.
+    carry: (weights, momentum, anchor), each a tuple of `[..., in, out]`; inputs: q, k, v
+    `[..., b, D]` and theta, a tuple of L `[..., b]` (0 at invalid positions); completes: bool `[]`
+    (the chunk ends inside the call, so the next one re-anchors); config: (activation,
+    residual_norm, rows). Returns ((new carry), y `[..., b, D]`) and the residuals of `chunk_backward`.
     """
-    activation, residual_norm, read_before_write = config
+    activation, residual_norm, rows = config
     act, act_grad = ACTIVATIONS[activation], _derivative(ACTIVATIONS[activation])
     weights, momentum, anchor = carry
-    q, k, v, theta, eta, alpha, valid, completes = xs
+    q, k, v, theta = inputs
     depth = len(weights)
-    theta = jnp.where(valid[..., None], theta, 0.0)
-    (rd0, rc, rgamma), (d0_end, c_end, h0_end, gamma_end, mom_end) = _coefficients(eta, alpha, valid, read_before_write)
 
     # One forward + backward of the memory on the keys at the anchor: the layer inputs a^(l) and
     # errors delta^(l) whose outer products are the per-token gradients g_j^(l).
     a, z = mlp_layers(anchor, k, activation)
     delta = [None] * depth
     s = [None] * (depth - 1)  # delta^(l+1) W^(l+1)T, before the activation's derivative
-    delta[-1] = _key_error(z[-1], k, v, residual_norm)
+    delta[-1] = _key_error(z[-1], k, v, residual_norm, rows)
     for layer in reversed(range(depth - 1)):
         s[layer] = matmul_nt(delta[layer + 1], anchor[layer + 1])
         delta[layer] = s[layer] * act_grad(z[layer])
@@ -121,43 +139,44 @@ def _chunk_forward(carry, xs, config):
     new_weights, new_momentum = [], []
     h = q
     for layer, (w, m) in enumerate(zip(weights, momentum)):
-        th = theta[..., layer]  # [B, H, b]
+        th = theta[layer]  # [..., b]
         u.append(h)
-        p.append(matmul_nt(h, a[layer]))  # u_t . a_j, [B, H, b(t), b(j)]
+        p.append(matmul_nt(h, a[layer]))  # u_t . a_j, [..., b(t), b(j)]
         uw.append(matmul(h, w))
         us.append(matmul(h, m))
-        scores = p[-1] * rgamma * th[..., None, :]
-        zeta.append(rd0[..., None] * uw[-1] + rc[..., None] * us[-1] - matmul(scores, delta[layer]))
+        scores = p[-1] * coef.gamma * th[..., None, :]
+        zeta.append(coef.d0[..., None] * uw[-1] + coef.c[..., None] * us[-1] - matmul(scores, delta[layer]))
         h = act(zeta[-1]) if layer < depth - 1 else h
         new_weights.append(
-            d0_end[..., None, None] * w + c_end[..., None, None] * m
-            - matmul_tn(a[layer], (gamma_end * th)[..., None] * delta[layer])
+            coef.d0_end[..., None, None] * w + coef.c_end[..., None, None] * m
+            - matmul_tn(a[layer], (coef.gamma_end * th)[..., None] * delta[layer])
         )
-        new_momentum.append(h0_end[..., None, None] * m - matmul_tn(a[layer], (mom_end * th)[..., None] * delta[layer]))
-    y = memory_output(q, zeta[-1], residual_norm)
+        new_momentum.append(
+            coef.h0_end[..., None, None] * m - matmul_tn(a[layer], (coef.mom_end * th)[..., None] * delta[layer])
+        )
+    y = memory_output(q, zeta[-1], residual_norm, rows)
 
     new_anchor = tuple(jnp.where(completes, w, an) for w, an in zip(new_weights, anchor))
     out = ((tuple(new_weights), tuple(new_momentum), new_anchor), y)
-    return out, (carry, xs, a, z, s, delta, u, uw, us, p, zeta)
+    return out, (carry, inputs, coef, completes, a, z, s, delta, u, uw, us, p, zeta)
 
 
-def _chunk_backward(config, residuals, cotangents):
-    """Hand-written VJP of `_chunk_forward`: first-order terms through the readout and the state
+def chunk_backward(config, residuals, cotangents):
+    """Hand-written VJP of `chunk_forward`: first-order terms through the readout and the state
     update, second-order ones through the per-token gradients (a^(l), delta^(l) depend on k, v and
-    the anchor). Only elementwise pieces (LayerNorm, activations, the coefficients) use jax.vjp."""
-    activation, residual_norm, read_before_write = config
+    the anchor). Only elementwise pieces (LayerNorm, activations) use jax.vjp.
+
+    Returns the carry's cotangent, (q, k, v, theta-tuple) cotangents and the coefficients' one.
+    """
+    activation, residual_norm, rows = config
     act_grad = _derivative(ACTIVATIONS[activation])
-    carry, xs, a, z, s, delta, u, uw, us, p, zeta = residuals
+    carry, inputs, coef, completes, a, z, s, delta, u, uw, us, p, zeta = residuals
     (new_weights_bar, new_momentum_bar, new_anchor_bar), y_bar = cotangents
     weights, momentum, anchor = carry
-    q, k, v, theta, eta, alpha, valid, completes = xs
+    q, k, v, theta = inputs
     depth = len(weights)
-    theta = jnp.where(valid[..., None], theta, 0.0)
-    ((rd0, rc, rgamma), ends), coefficients_vjp = jax.vjp(
-        lambda e, al: _coefficients(e, al, valid, read_before_write), eta, alpha
-    )
-    d0_end, c_end, h0_end, gamma_end, mom_end = ends
-    sum_mat = lambda x: jnp.sum(x, axis=(-2, -1))
+    # Nested single-axis sums: a Triton kernel has no multi-axis reduction.
+    sum_mat = lambda x: jnp.sum(jnp.sum(x, axis=-1), axis=-1)
 
     # new_anchor = where(completes, new_weights, anchor)
     new_weights_bar = [wb + jnp.where(completes, ab, 0.0) for wb, ab in zip(new_weights_bar, new_anchor_bar)]
@@ -166,48 +185,48 @@ def _chunk_backward(config, residuals, cotangents):
     delta_bar = [jnp.zeros_like(x) for x in delta]
     z_bar = [jnp.zeros_like(x) for x in z]
     weights_bar, momentum_bar, theta_bar = [None] * depth, [None] * depth, [None] * depth
-    ends_bar = [0.0] * 5
-    rows_bar = [0.0] * 3
+    coef_bar = {name: 0.0 for name in Coefficients._fields}
 
     # Chunk-end state: W' = d0 W + c S - a^T diag(G_b theta) delta, S' = h0 S - a^T diag(H_b theta) delta.
     for layer in range(depth):
-        th = theta[..., layer]
+        th = theta[layer]
         wb, mb = new_weights_bar[layer], new_momentum_bar[layer]
         w, m = weights[layer], momentum[layer]
-        weights_bar[layer] = d0_end[..., None, None] * wb
-        momentum_bar[layer] = c_end[..., None, None] * wb + h0_end[..., None, None] * mb
-        ends_bar[0] += sum_mat(wb * w)
-        ends_bar[1] += sum_mat(wb * m)
-        ends_bar[2] += sum_mat(mb * m)
-        gw, gm = (gamma_end * th)[..., None], (mom_end * th)[..., None]
-        a_wb, a_mb = matmul(a[layer], wb), matmul(a[layer], mb)  # [B, H, b, out]
+        weights_bar[layer] = coef.d0_end[..., None, None] * wb
+        momentum_bar[layer] = coef.c_end[..., None, None] * wb + coef.h0_end[..., None, None] * mb
+        coef_bar["d0_end"] += sum_mat(wb * w)
+        coef_bar["c_end"] += sum_mat(wb * m)
+        coef_bar["h0_end"] += sum_mat(mb * m)
+        gw, gm = (coef.gamma_end * th)[..., None], (coef.mom_end * th)[..., None]
+        a_wb, a_mb = matmul(a[layer], wb), matmul(a[layer], mb)  # [..., b, out]
         a_bar[layer] -= gw * matmul_nt(delta[layer], wb) + gm * matmul_nt(delta[layer], mb)
         delta_bar[layer] -= gw * a_wb + gm * a_mb
-        coef_w = -row_sum(a_wb * delta[layer])[..., 0]  # d/d(G_b theta)_j
-        coef_m = -row_sum(a_mb * delta[layer])[..., 0]
-        theta_bar[layer] = coef_w * gamma_end + coef_m * mom_end
-        ends_bar[3] += coef_w * th
-        ends_bar[4] += coef_m * th
+        coef_w = -rows.sum(a_wb * delta[layer])[..., 0]  # d/d(G_b theta)_j
+        coef_m = -rows.sum(a_mb * delta[layer])[..., 0]
+        theta_bar[layer] = coef_w * coef.gamma_end + coef_m * coef.mom_end
+        coef_bar["gamma_end"] += coef_w * th
+        coef_bar["mom_end"] += coef_m * th
 
-    # Readout: zeta = rd0 (u W) + rc (u S) - (P * G * theta) delta, layer by layer from the top.
-    _, readout_vjp = jax.vjp(lambda zz, qq: memory_output(qq, zz, residual_norm), zeta[-1], q)
+    # Readout: zeta = d0 (u W) + c (u S) - (P * G * theta) delta, layer by layer from the top.
+    _, readout_vjp = jax.vjp(lambda zz, qq: memory_output(qq, zz, residual_norm, rows), zeta[-1], q)
     zeta_bar, q_bar = readout_vjp(y_bar.astype(zeta[-1].dtype))
+    u_bar = None  # the error of the layer above, set at the end of each iteration
     for layer in reversed(range(depth)):
-        th = theta[..., layer]
+        th = theta[layer]
         if layer < depth - 1:
             zeta_bar = u_bar * act_grad(zeta[layer])
-        rows_bar[0] += row_sum(zeta_bar * uw[layer])[..., 0]
-        rows_bar[1] += row_sum(zeta_bar * us[layer])[..., 0]
-        zd, zc = rd0[..., None] * zeta_bar, rc[..., None] * zeta_bar
+        coef_bar["d0"] += rows.sum(zeta_bar * uw[layer])[..., 0]
+        coef_bar["c"] += rows.sum(zeta_bar * us[layer])[..., 0]
+        zd, zc = coef.d0[..., None] * zeta_bar, coef.c[..., None] * zeta_bar
         weights_bar[layer] += matmul_tn(u[layer], zd)
         momentum_bar[layer] += matmul_tn(u[layer], zc)
         u_bar = matmul_nt(zd, weights[layer]) + matmul_nt(zc, momentum[layer])
-        scores_bar = -matmul_nt(zeta_bar, delta[layer])  # [B, H, b, b]
-        delta_bar[layer] -= matmul_tn(p[layer] * rgamma * th[..., None, :], zeta_bar)
+        scores_bar = -matmul_nt(zeta_bar, delta[layer])  # [..., b, b]
+        delta_bar[layer] -= matmul_tn(p[layer] * coef.gamma * th[..., None, :], zeta_bar)
         pm = scores_bar * p[layer]
-        rows_bar[2] += pm * th[..., None, :]
-        theta_bar[layer] += jnp.sum(pm * rgamma, axis=-2)
-        p_bar = scores_bar * rgamma * th[..., None, :]
+        coef_bar["gamma"] += pm * th[..., None, :]
+        theta_bar[layer] += jnp.sum(pm * coef.gamma, axis=-2)
+        p_bar = scores_bar * coef.gamma * th[..., None, :]
         u_bar += matmul(p_bar, a[layer])
         a_bar[layer] += matmul_tn(p_bar, u[layer])
     q_bar += u_bar
@@ -219,7 +238,7 @@ def _chunk_backward(config, residuals, cotangents):
         z_bar[layer] += z_extra
         delta_bar[layer + 1] += matmul(s_bar, anchor[layer + 1])
         anchor_bar[layer + 1] += matmul_tn(s_bar, delta[layer + 1])
-    _, error_vjp = jax.vjp(lambda o, kk, vv: _key_error(o, kk, vv, residual_norm), z[-1], k, v)
+    _, error_vjp = jax.vjp(lambda o, kk, vv: _key_error(o, kk, vv, residual_norm, rows), z[-1], k, v)
     out_bar, k_bar, v_bar = error_vjp(delta_bar[-1])
     z_bar[-1] += out_bar
     # Keys, first order: z^(l) = a^(l) A^(l), a^(l+1) = act(z^(l)), a^(1) = k.
@@ -230,18 +249,68 @@ def _chunk_backward(config, residuals, cotangents):
             z_bar[layer - 1] += a_bar[layer] * act_grad(z[layer - 1])
     k_bar += a_bar[0]
 
-    eta_bar, alpha_bar = coefficients_vjp((tuple(rows_bar), tuple(ends_bar)))
-    theta_bar = jnp.where(valid[..., None], jnp.stack(theta_bar, axis=-1), 0.0)
     carry_bar = (tuple(weights_bar), tuple(momentum_bar), tuple(anchor_bar))
-    return carry_bar, (q_bar, k_bar, v_bar, theta_bar, eta_bar, alpha_bar, None, None)
+    return carry_bar, (q_bar, k_bar, v_bar, tuple(theta_bar)), Coefficients(**coef_bar)
+
+
+def _step_forward(carry, xs, config):
+    """The scan step: one chunk with its coefficients. xs: q, k, v [B, H, b, D]; theta [B, H, b, L]
+    (0 where invalid); eta, alpha [B, H, b]; valid [B, 1, b] bool; completes [] bool."""
+    activation, residual_norm, read_before_write = config
+    q, k, v, theta, eta, alpha, valid, completes = xs
+    coef = chunk_coefficients(eta, alpha, valid, read_before_write)
+    inputs = (q, k, v, tuple(theta[..., layer] for layer in range(theta.shape[-1])))
+    out, residuals = chunk_forward(carry, inputs, coef, completes, (activation, residual_norm, XLA_ROWS))
+    return out, (residuals, eta, alpha, valid)
+
+
+def _step_backward(config, residuals, cotangents):
+    activation, residual_norm, read_before_write = config
+    residuals, eta, alpha, valid = residuals
+    carry_bar, (q_bar, k_bar, v_bar, theta_bar), coef_bar = chunk_backward(
+        (activation, residual_norm, XLA_ROWS), residuals, cotangents
+    )
+    _, coefficients_vjp = jax.vjp(lambda e, al: chunk_coefficients(e, al, valid, read_before_write), eta, alpha)
+    eta_bar, alpha_bar = coefficients_vjp(coef_bar)
+    return carry_bar, (q_bar, k_bar, v_bar, jnp.stack(theta_bar, axis=-1), eta_bar, alpha_bar, None, None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _chunk_step(carry, xs, config):
-    return _chunk_forward(carry, xs, config)[0]
+    return _step_forward(carry, xs, config)[0]
 
 
-_chunk_step.defvjp(_chunk_forward, _chunk_backward)
+_chunk_step.defvjp(_step_forward, _step_backward)
+
+
+def chunk_grid(offset, T: int, b: int, min_chunks: int = 1):
+    """Lay a call of T tokens on the global chunk grid (module docstring, "Offsets").
+
+    Returns `n` (chunks, at least `min_chunks`), `place(x, fill)`: `[B, T, ...] -> [B, n*b, ...]`
+    with positions outside the call set to `fill`, `in_call [n*b]` bool, `completes [n]` bool
+    (the chunk ends inside the call) and `offset` (a Python int where it is concrete).
+    """
+    if not isinstance(offset, jax.core.Tracer):
+        offset = int(offset)
+        n = -(-(offset + T) // b)
+        left = offset
+    else:  # traced: room for any offset in [0, b)
+        n = -(-(T + b - 1) // b)
+        left = b - 1
+    n = max(n, min_chunks)
+
+    def place(x, fill):
+        pad = [(0, 0)] * x.ndim
+        pad[1] = (left, n * b - T - (offset if isinstance(offset, int) else 0))
+        x = jnp.pad(x, pad, constant_values=fill)
+        if not isinstance(offset, int):
+            x = jax.lax.dynamic_slice_in_dim(x, b - 1 - offset, n * b, axis=1)
+        return x
+
+    pos = jnp.arange(n * b)
+    in_call = (pos >= offset) & (pos < offset + T)
+    completes = (jnp.arange(1, n + 1) * b) <= offset + T
+    return n, place, in_call, completes, offset
 
 
 def memory_scan_chunked(
@@ -261,34 +330,20 @@ def memory_scan_chunked(
 ) -> tuple[jax.Array, MemoryState]:
     B, T, H, D = q.shape
     b = chunk_size
-    offset = state.offset
-    if not isinstance(offset, jax.core.Tracer):
-        offset = int(offset)
-        n = -(-(offset + T) // b)
-        left = offset
-    else:  # traced: room for any offset in [0, b)
-        n = -(-(T + b - 1) // b)
-        left = b - 1
+    n, place, in_call, completes, offset = chunk_grid(state.offset, T, b)
 
-    def place(x, fill):
-        """[B, T, ...] -> [n, B, H, b, ...] on the global chunk grid (the mask stays [n, B, 1, b])."""
-        pad = [(0, 0)] * x.ndim
-        pad[1] = (left, n * b - T - (offset if isinstance(offset, int) else 0))
-        x = jnp.pad(x, pad, constant_values=fill)
-        if not isinstance(offset, int):
-            x = jax.lax.dynamic_slice_in_dim(x, b - 1 - offset, n * b, axis=1)
-        x = x.reshape(B, n, b, *x.shape[2:])
+    def chunks(x, fill):
+        """[B, T, ...] -> [n, B, H, b, ...] (the mask: [n, B, 1, b])."""
+        x = place(x, fill).reshape(B, n, b, *x.shape[2:])
         if x.ndim == 3:  # mask [B, n, b]
             return jnp.moveaxis(x, 1, 0)[:, :, None, :]
-        return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)  # [n, B, H, b, ...]
+        return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
 
-    pos = jnp.arange(n * b)
-    in_call = (pos >= offset) & (pos < offset + T)
-    valid = place(mask, False) & in_call.reshape(n, 1, 1, b)
-    completes = (jnp.arange(1, n + 1) * b) <= offset + T
+    valid = chunks(mask, False) & in_call.reshape(n, 1, 1, b)
+    theta = jnp.where(valid[..., None], chunks(theta, 0.0), 0.0)
     xs = (
-        place(q, 0.0), place(k, 0.0), place(v, 0.0), place(theta, 0.0),
-        place(eta, 1.0), place(alpha, 0.0), valid, completes,
+        chunks(q, 0.0), chunks(k, 0.0), chunks(v, 0.0), theta,
+        chunks(eta, 1.0), chunks(alpha, 0.0), valid, completes,
     )
 
     config = (activation, residual_norm, read_before_write)

@@ -63,16 +63,34 @@ def _broadcast_row(s: jax.Array, n: int) -> jax.Array:
     return matmul(s, jnp.ones((1, n), s.dtype))
 
 
-def layer_norm(x: jax.Array) -> jax.Array:
+class Rows(NamedTuple):
+    """How row sums `[..., n] -> [..., 1]` and their broadcasts back are computed.
+
+    XLA code uses matmuls with ones (see `row_sum`); a Triton kernel cannot (a dot needs every
+    dimension >= 16), so kernels use plain reductions. The math is the same.
+    """
+
+    sum: Callable[[jax.Array], jax.Array]
+    broadcast: Callable[[jax.Array, int], jax.Array]
+
+
+XLA_ROWS = Rows(row_sum, _broadcast_row)
+KERNEL_ROWS = Rows(
+    lambda x: jnp.sum(x, axis=-1, keepdims=True),
+    lambda s, n: jnp.broadcast_to(s, s.shape[:-1] + (n,)),
+)
+
+
+def layer_norm(x: jax.Array, rows: Rows = XLA_ROWS) -> jax.Array:
     """LayerNorm over the last axis without affine parameters (biased variance).
 
-    Means and their broadcasts are matmuls with ones, so autodiff of this (first and second order,
-    as the chunk scan needs) has no row reductions (slow on XLA:CPU, see `row_sum`).
+    With `XLA_ROWS`, means and their broadcasts are matmuls with ones, so autodiff of this (first
+    and second order, as the chunk scan needs) has no row reductions (slow on XLA:CPU).
     """
     n = x.shape[-1]
-    centered = x - _broadcast_row(row_sum(x) / n, n)
-    rstd = jax.lax.rsqrt(row_sum(jnp.square(centered)) / n + LN_EPS)
-    return centered * _broadcast_row(rstd, n)
+    centered = x - rows.broadcast(rows.sum(x) / n, n)
+    rstd = jax.lax.rsqrt(rows.sum(jnp.square(centered)) / n + LN_EPS)
+    return centered * rows.broadcast(rstd, n)
 
 
 def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -102,9 +120,9 @@ def mlp_layers(weights: Weights, x: jax.Array, activation: str) -> tuple[list[ja
     return inputs, pre
 
 
-def memory_output(x: jax.Array, out: jax.Array, residual_norm: bool) -> jax.Array:
+def memory_output(x: jax.Array, out: jax.Array, residual_norm: bool, rows: Rows = XLA_ROWS) -> jax.Array:
     """M_W(x) from the MLP output `out`: `x + LN(out)` with residual_norm, else `out`."""
-    return x + layer_norm(out) if residual_norm else out
+    return x + layer_norm(out, rows) if residual_norm else out
 
 
 def memory_apply(weights: Weights, x: jax.Array, activation: str, residual_norm: bool) -> jax.Array:

@@ -1,0 +1,268 @@
+"""The chunk form in Pallas: the chunk loop runs inside one kernel program per (batch, head).
+
+Each program keeps its memory state (weights, momentum, anchor: float32) on chip across the chunk
+loop and calls the same per-chunk math as `chunked.py` (`chunk_forward` / `chunk_backward`) on
+2-D tiles, so the two impls cannot drift apart. What stays in XLA: laying the call on the chunk
+grid and the decay coefficients of every chunk (`chunk_coefficients`, `b x b` per chunk; their
+gradient is XLA autodiff of that small function).
+
+Training: the chunks are run in groups of ~sqrt(n). A group is one `jax.custom_vjp` op whose
+forward is one kernel launch; the `lax.scan` over groups keeps one state per group for backprop.
+Its backward recomputes the group's chunk-start states with the forward kernel (`save=True`) and
+runs the backward kernel over the group's chunks in reverse, carrying the state's cotangent.
+
+Matmuls are float32 in, float32 out (`Precision.HIGHEST`, Triton's "ieee" input precision), the
+same numbers as `chunked` up to summation order. Triton needs power-of-two tiles of at least 16 for
+its dots, so the chunk size, head dim and hidden width must be powers of two >= 16 on GPU
+(`supported` says why a shape is not); interpret mode (CPU) runs any shape.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from kernels.memory.chunked import Coefficients, chunk_backward, chunk_coefficients, chunk_forward, chunk_grid
+from kernels.memory.common import KERNEL_ROWS, MemoryState
+
+# One warp group per program: the chunk loop is sequential, and a program's tiles are small.
+NUM_WARPS = 4
+NUM_STAGES = 1
+
+
+def supported(chunk_size: int, head_dim: int, hidden: int, dtype) -> str | None:
+    """Why the compiled (GPU) kernel cannot run a shape, or None if it can."""
+    for name, x in (("chunk_size", chunk_size), ("head_dim", head_dim), ("hidden width", hidden)):
+        if x < 16 or x & (x - 1):
+            return f"{name} is {x}; the Triton kernel needs a power of two >= 16"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"the state is {jnp.dtype(dtype)}; the Triton kernel runs float32 states"
+    return None
+
+
+def _split(refs, sizes):
+    out, i = [], 0
+    for size in sizes:
+        out.append(refs[i : i + size])
+        i += size
+    return out
+
+
+def _load_chunk(i, b, q_ref, k_ref, v_ref, theta_refs, coef_refs):
+    """Chunk i's inputs and coefficients from the program's refs (rows `[i*b, (i+1)*b)`)."""
+    t = pl.ds(i * b, b)
+    inputs = (q_ref[t, :], k_ref[t, :], v_ref[t, :], tuple(r[t] for r in theta_refs))
+    c = coef_refs
+    coef = Coefficients(
+        c.d0[t], c.c[t], c.gamma[t, :], c.d0_end[i], c.c_end[i], c.h0_end[i], c.gamma_end[t], c.mom_end[t]
+    )
+    return inputs, coef
+
+
+def _forward_kernel(*refs, depth, b, n, config, save):
+    """Refs: state (W, S, A: L each), q, k, v [n*b, D], theta (L) [n*b], coefficients, completes [n];
+    outputs y [n*b, D], the final state and, with `save`, every chunk's start state [n, in, out]."""
+    sizes = [depth] * 3 + [3, depth, 8, 1, 1] + [depth] * (6 if save else 3)
+    w0, s0, a0, qkv, thetas, coef_refs, (completes,), (y_ref,), *outs = _split(refs, sizes)
+    coef_refs = Coefficients(*coef_refs)
+
+    def body(i, carry):
+        if save:
+            for saved, mats in zip(outs[3:], carry):
+                for ref, m in zip(saved, mats):
+                    ref[i] = m
+        inputs, coef = _load_chunk(i, b, *qkv, thetas, coef_refs)
+        (carry, y), _ = chunk_forward(carry, inputs, coef, completes[i] != 0, config)
+        y_ref[pl.ds(i * b, b), :] = y.astype(y_ref.dtype)
+        return carry
+
+    carry = tuple(tuple(r[...] for r in refs_) for refs_ in (w0, s0, a0))
+    carry = jax.lax.fori_loop(0, n, body, carry)
+    for final, mats in zip(outs[:3], carry):
+        for ref, m in zip(final, mats):
+            ref[...] = m
+
+
+def _backward_kernel(*refs, depth, b, n, config):
+    """Refs: chunk-start states (W, S, A: L each) [n, in, out], q, k, v, theta (L), coefficients,
+    completes, y_bar [n*b, D], the final state's cotangent (3L); outputs the cotangents of q, k, v,
+    theta (L), the coefficients (8) and the start state (3L)."""
+    sizes = [depth] * 3 + [3, depth, 8, 1, 1] + [depth] * 3 + [3, depth, 8] + [depth] * 3
+    sw, ss, sa, qkv, thetas, coef_refs, (completes,), (y_bar,), *rest = _split(refs, sizes)
+    carry_bar_in, qkv_bar, theta_bar, coef_bar, carry_bar_out = rest[:3], rest[3], rest[4], rest[5], rest[6:]
+    coef_refs = Coefficients(*coef_refs)
+
+    def body(j, carry_bar):
+        i = n - 1 - j
+        t = pl.ds(i * b, b)
+        carry = tuple(tuple(r[i] for r in refs_) for refs_ in (sw, ss, sa))
+        inputs, coef = _load_chunk(i, b, *qkv, thetas, coef_refs)
+        _, residuals = chunk_forward(carry, inputs, coef, completes[i] != 0, config)
+        carry_bar, (qb, kb, vb, thb), cb = chunk_backward(config, residuals, (carry_bar, y_bar[t, :]))
+        for ref, x in zip(qkv_bar, (qb, kb, vb)):
+            ref[t, :] = x
+        for ref, x in zip(theta_bar, thb):
+            ref[t] = x
+        for ref, x, per_chunk in zip(coef_bar, cb, (False, False, False, True, True, True, False, False)):
+            if per_chunk:
+                ref[i] = x
+            elif x.ndim == 2:
+                ref[t, :] = x
+            else:
+                ref[t] = x
+        return carry_bar
+
+    carry_bar = tuple(tuple(r[...] for r in refs_) for refs_ in carry_bar_in)
+    carry_bar = jax.lax.fori_loop(0, n, body, carry_bar)
+    for final, mats in zip(carry_bar_out, carry_bar):
+        for ref, m in zip(final, mats):
+            ref[...] = m
+
+
+def _specs(carry, xs, n, b):
+    """BlockSpecs for grid (B, H): each program sees its (batch, head) slice of every array."""
+    tokens = lambda x: pl.BlockSpec((None, x.shape[1], None, x.shape[3]), lambda i, j: (i, 0, j, 0))
+    per_head = lambda x: pl.BlockSpec((None, None, *x.shape[2:]), lambda i, j: (i, j) + (0,) * (x.ndim - 2))
+    q, k, v, thetas, coef, completes = xs
+    return (
+        [per_head(w) for mats in carry for w in mats]
+        + [tokens(x) for x in (q, k, v)]
+        + [per_head(x) for x in (*thetas, *coef)]
+        + [pl.BlockSpec((n,), lambda i, j: (0,))]
+    )
+
+
+def _forward_call(carry, xs, static, save):
+    b, n, activation, residual_norm, interpret = static
+    q = xs[0]
+    B, _, H, _ = q.shape
+    depth = len(carry[0])
+    mats = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in carry[0]]
+    saved = [jax.ShapeDtypeStruct((B, H, n, *w.shape[2:]), w.dtype) for w in carry[0]]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)] + mats * 3 + (saved * 3 if save else [])
+    in_specs = _specs(carry, xs, n, b)
+    per_head = lambda s: pl.BlockSpec((None, None, *s.shape[2:]), lambda i, j: (i, j) + (0,) * (len(s.shape) - 2))
+    out_specs = [in_specs[3 * depth]] + [per_head(s) for s in out_shape[1:]]
+    kernel = functools.partial(
+        _forward_kernel, depth=depth, b=b, n=n, config=(activation, residual_norm, KERNEL_ROWS), save=save
+    )
+    outs = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(B, H), in_specs=in_specs, out_specs=out_specs,
+        compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+        interpret=interpret, name="titans_memory_forward" + ("_save" if save else ""),
+    )(*jax.tree.leaves(carry), *jax.tree.leaves(xs))
+    y, rest = outs[0], outs[1:]
+    new_carry = tuple(tuple(rest[i * depth : (i + 1) * depth]) for i in range(3))
+    saved = tuple(tuple(rest[(3 + i) * depth : (4 + i) * depth]) for i in range(3)) if save else None
+    return y, new_carry, saved
+
+
+def _backward_call(saved, xs, cotangents, static):
+    b, n, activation, residual_norm, interpret = static
+    carry_bar, y_bar = cotangents
+    q, k, v, thetas, coef, completes = xs
+    B, _, H, _ = q.shape
+    depth = len(thetas)
+    in_specs = _specs(saved, xs, n, b)
+    token_spec = in_specs[3 * depth]
+    per_head = lambda s: pl.BlockSpec((None, None, *s.shape[2:]), lambda i, j: (i, j) + (0,) * (len(s.shape) - 2))
+    in_specs += [token_spec] + [per_head(w) for mats in carry_bar for w in mats]
+    like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+    out_shape = [like(x) for x in (q, k, v, *thetas, *coef, *jax.tree.leaves(carry_bar))]
+    out_specs = [token_spec] * 3 + [per_head(s) for s in out_shape[3:]]
+    kernel = functools.partial(_backward_kernel, depth=depth, b=b, n=n, config=(activation, residual_norm, KERNEL_ROWS))
+    outs = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(B, H), in_specs=in_specs, out_specs=out_specs,
+        compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+        interpret=interpret, name="titans_memory_backward",
+    )(*jax.tree.leaves(saved), *jax.tree.leaves(xs), y_bar, *jax.tree.leaves(carry_bar))
+    q_bar, k_bar, v_bar = outs[:3]
+    theta_bar = tuple(outs[3 : 3 + depth])
+    coef_bar = Coefficients(*outs[3 + depth : 11 + depth])
+    rest = outs[11 + depth :]
+    start_bar = tuple(tuple(rest[i * depth : (i + 1) * depth]) for i in range(3))
+    completes_bar = np.zeros(completes.shape, jax.dtypes.float0)
+    return start_bar, (q_bar, k_bar, v_bar, theta_bar, coef_bar, completes_bar)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _group(carry, xs, static):
+    """n chunks in one kernel launch: (carry, xs) -> (carry, y)."""
+    y, carry, _ = _forward_call(carry, xs, static, save=False)
+    return carry, y
+
+
+def _group_forward(carry, xs, static):
+    return _group(carry, xs, static), (carry, xs)
+
+
+def _group_backward(static, residuals, cotangents):
+    carry, xs = residuals
+    _, _, saved = _forward_call(carry, xs, static, save=True)
+    return _backward_call(saved, xs, cotangents, static)
+
+
+_group.defvjp(_group_forward, _group_backward)
+
+
+def memory_scan_pallas(
+    state: MemoryState,
+    q: jax.Array,  # [B, T, H, D], compute dtype
+    k: jax.Array,
+    v: jax.Array,
+    theta: jax.Array,  # [B, T, H, L]
+    eta: jax.Array,  # [B, T, H]
+    alpha: jax.Array,  # [B, T, H]
+    mask: jax.Array,  # [B, T] bool
+    *,
+    chunk_size: int,
+    activation: str,
+    residual_norm: bool,
+    read_before_write: bool,
+    interpret: bool = False,
+) -> tuple[jax.Array, MemoryState]:
+    B, T, H, D = q.shape
+    b = chunk_size
+    depth = theta.shape[-1]
+    n = chunk_grid(state.offset, T, b)[0]
+    group = max(1, math.isqrt(n))
+    groups = -(-n // group)
+    # Whole groups: the extra chunks past the call are padding that passes the state through.
+    n, place, in_call, completes, offset = chunk_grid(state.offset, T, b, min_chunks=groups * group)
+    N = n * b
+
+    valid = place(mask, False) & in_call  # [B, N]
+    theta = jnp.where(valid[:, :, None, None], place(theta, 0.0), 0.0)
+    by_chunk = lambda x, fill: jnp.moveaxis(place(x, fill).reshape(B, n, b, H), 3, 1)  # [B, H, n, b]
+    coef = chunk_coefficients(by_chunk(eta, 1.0), by_chunk(alpha, 0.0), valid.reshape(B, 1, n, b), read_before_write)
+
+    # Group-major layouts for the scan over groups: tokens [G, B, g*b, H, D], per-token scalars
+    # [G, B, H, g*b], per-chunk ones [G, B, H, g], the b x b rows [G, B, H, g*b, b].
+    def tokens(x):
+        return jnp.moveaxis(x.reshape(B, groups, group * b, *x.shape[2:]), 1, 0)
+
+    def per_head(x, per_chunk):  # [B, H, n, ...] -> [G, B, H, g(*b), ...]
+        x = x.reshape(B, H, groups, group, *x.shape[3:])
+        if not per_chunk:
+            x = x.reshape(B, H, groups, group * x.shape[4], *x.shape[5:])
+        return jnp.moveaxis(x, 2, 0)
+
+    thetas = tuple(per_head(jnp.moveaxis(theta[..., layer], 2, 1).reshape(B, H, n, b), False) for layer in range(depth))
+    coef = Coefficients(*(per_head(x, x.ndim == 3) for x in coef))
+    xs = (
+        tokens(place(q, 0.0)), tokens(place(k, 0.0)), tokens(place(v, 0.0)), thetas, coef,
+        completes.astype(jnp.int32).reshape(groups, group),
+    )
+    static = (b, group, activation, residual_norm, interpret)  # (b, chunks per group, ...)
+    carry = (state.weights, state.momentum, state.anchor)
+    carry, ys = jax.lax.scan(lambda c, x: _group(c, x, static), carry, xs)
+    y = jnp.moveaxis(ys, 0, 1).reshape(B, N, H, D)
+    y = jax.lax.dynamic_slice_in_dim(y, offset, T, axis=1)
+    weights, momentum, anchor = carry
+    return y, MemoryState(weights, momentum, anchor, jnp.asarray((offset + T) % b, jnp.int32))

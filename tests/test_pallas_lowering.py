@@ -1,0 +1,73 @@
+"""The Pallas memory kernels lower for NVIDIA GPUs (Triton) at the paper's shapes, forward and
+backward, on a CPU-only machine; a shape Triton cannot tile fails here rather than on a GPU."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from kernels.memory import MemoryState, memory_scan
+from kernels.memory.pallas import memory_scan_pallas
+from tests.lowering import lower_for_cuda, triton_calls
+
+F32 = jnp.float32
+
+
+def _specs(batch, seq, heads, dim, hidden, depth, dtype=jnp.bfloat16):
+    dims = [dim] + [hidden] * (depth - 1) + [dim] if depth > 1 else [dim, dim]
+    weights = tuple(jax.ShapeDtypeStruct((batch, heads, dims[i], dims[i + 1]), F32) for i in range(depth))
+    x = jax.ShapeDtypeStruct((batch, seq, heads, dim), dtype)
+    gate = jax.ShapeDtypeStruct((batch, seq, heads), F32)
+    return weights, (x, x, x, jax.ShapeDtypeStruct((batch, seq, heads, depth), F32), gate, gate)
+
+
+def _forward(weights, *args, **kw):
+    return memory_scan(MemoryState.create(weights), *args, impl="pallas", interpret=False, **kw)
+
+
+def _loss(weights, *args, **kw):
+    y, state = _forward(weights, *args, **kw)
+    return jnp.sum(y.astype(F32) ** 2) + sum(jnp.sum(w) for w in state.weights)
+
+
+# Width 1024 as 16 heads x 64 and 8 x 128 (expansion 4) at the chunk sizes of issue 7, plus the
+# variants of the math (depth, activation, no LayerNorm, read-before-write).
+SHAPES = [
+    dict(heads=16, dim=64, chunk=16, depth=2, activation="gelu", residual_norm=True, read_before_write=False),
+    dict(heads=16, dim=64, chunk=64, depth=2, activation="silu", residual_norm=False, read_before_write=True),
+    dict(heads=8, dim=128, chunk=64, depth=2, activation="gelu", residual_norm=True, read_before_write=False),
+    dict(heads=8, dim=128, chunk=256, depth=2, activation="gelu", residual_norm=False, read_before_write=False),
+    dict(heads=16, dim=64, chunk=64, depth=1, activation="gelu", residual_norm=False, read_before_write=False),
+    dict(heads=16, dim=64, chunk=32, depth=3, activation="silu", residual_norm=True, read_before_write=True),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s['heads']}x{s['dim']}-b{s['chunk']}-L{s['depth']}")
+def test_memory_scan_lowers_for_cuda_forward_and_backward(shape):
+    weights, args = _specs(2, 3 * shape["chunk"] + 5, shape["heads"], shape["dim"], 4 * shape["dim"], shape["depth"])
+    kw = dict(
+        chunk_size=shape["chunk"], activation=shape["activation"], residual_norm=shape["residual_norm"],
+        read_before_write=shape["read_before_write"],
+    )
+    assert triton_calls(lower_for_cuda(functools.partial(_forward, **kw), weights, *args)) == 1
+    grad = jax.grad(functools.partial(_loss, **kw), argnums=tuple(range(7)))
+    # forward, the group recompute that saves chunk-start states, and the backward kernel
+    assert triton_calls(lower_for_cuda(grad, weights, *args)) == 3
+
+
+def test_lowering_check_catches_a_tile_triton_cannot_run():
+    """The check is live: a chunk of 24 interprets fine on CPU but is not a power of two."""
+    weights, (q, k, v, theta, eta, alpha) = _specs(1, 48, 2, 64, 256, 2, F32)
+    mask = jax.ShapeDtypeStruct((1, 48), jnp.bool_)
+
+    def forward(weights, *args):
+        return memory_scan_pallas(
+            MemoryState.create(weights), *args, chunk_size=24, activation="gelu", residual_norm=True,
+            read_before_write=False,
+        )
+
+    with pytest.raises(ValueError, match="power of 2"):
+        lower_for_cuda(forward, weights, q, k, v, theta, eta, alpha, mask)
