@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from benchlib import (BENCHMARKS, ROOT, add_child_args, child_main, list_args, machine_line, peak_rss_mb, progress,
-                      repeat, run_in_child, timed, write_section)
+                      repeat, run_in_child, scan_flops_per_token, timed, write_section)
 
 PEER_SCRIPT = ROOT.parent / "shared" / "peers" / "titans_pytorch_bench.py"
 SECTION = "bench_memory"  # + "_<n>dev" for --devices n
@@ -75,20 +75,9 @@ class BenchConfig:
 
 
 def layer_flops_per_token(d_model: int, heads: int, head_dim: int, hidden: int, depth: int, chunk: int) -> float:
-    """Forward FLOPs per token of the memory layer in the chunk form (2 per multiply-add).
-
-    Per chunk and head, with layer widths (n_in, n_out): keys forward (b n_in n_out) and backward
-    (b n_in n_out for layers > 1), queries against W and S (2 b n_in n_out), the intra-chunk scores
-    and their product with the errors (b^2 n_in + b^2 n_out), the chunk-end W and S (2 b n_in n_out),
-    plus G = Dc H (b^3). Projections: q, k, v, output gate and output (5 d_model H D).
-    """
-    b = chunk
-    dims = [head_dim] + [hidden] * (depth - 1) + [head_dim] if depth > 1 else [head_dim, head_dim]
-    per_chunk = b**3
-    for layer, (n_in, n_out) in enumerate(zip(dims[:-1], dims[1:])):
-        mats = 5 + (1 if layer > 0 else 0)
-        per_chunk += mats * b * n_in * n_out + b * b * (n_in + n_out)
-    return 2.0 * (heads * per_chunk / b + 5 * d_model * heads * head_dim)
+    """Forward FLOPs per token of the memory layer: the scan (`benchlib.scan_flops_per_token`)
+    plus the projections q, k, v, output gate and output (5 d_model H D, 2 per multiply-add)."""
+    return scan_flops_per_token(heads, head_dim, hidden, depth, chunk) + 2.0 * 5 * d_model * heads * head_dim
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:

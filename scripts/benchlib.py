@@ -35,6 +35,23 @@ def repeat(fn: Callable[[], object], iters: int, budget_s: float) -> tuple[float
     return first, times
 
 
+def scan_flops_per_token(heads: int, head_dim: int, hidden: int, depth: int, chunk: int) -> float:
+    """Forward FLOPs per token of the memory scan in the chunk form (2 per multiply-add).
+
+    Per chunk and head, with layer widths (n_in, n_out): keys forward (b n_in n_out) and backward
+    (b n_in n_out for layers > 1), queries against W and S (2 b n_in n_out), the intra-chunk scores
+    and their product with the errors (b^2 n_in + b^2 n_out), the chunk-end W and S (2 b n_in n_out),
+    plus G = Dc H (b^3).
+    """
+    b = chunk
+    dims = [head_dim] + [hidden] * (depth - 1) + [head_dim] if depth > 1 else [head_dim, head_dim]
+    per_chunk = b**3
+    for layer, (n_in, n_out) in enumerate(zip(dims[:-1], dims[1:])):
+        mats = 5 + (1 if layer > 0 else 0)
+        per_chunk += mats * b * n_in * n_out + b * b * (n_in + n_out)
+    return 2.0 * heads * per_chunk / b
+
+
 def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 

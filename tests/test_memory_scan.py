@@ -404,3 +404,21 @@ def test_training_memory_grows_like_sqrt_of_chunks():
     large, _ = _train_temp_bytes(256)
     assert large / small < 2.6  # sqrt growth: 2; a carry per chunk: ~4
     assert large < 256 * state_bytes  # less than one weight copy per chunk
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled Pallas kernel needs a GPU")
+def test_compiled_pallas_matches_chunked_on_gpu():
+    """Float32 on both sides (the kernel's matmuls are float32 'ieee'): values and gradients agree
+    to float32 round-off of a 6-chunk recurrence at a Triton-sized shape."""
+    inputs = random_inputs(12, batch=2, seq=5 * 64 + 17, heads=4, head_dim=64, hidden=256, depth=2, with_mask=True)
+    kw = dict(chunk_size=64, residual_norm=True)
+    outs = {impl: run(impl, state_of(inputs), inputs, interpret=False, **kw) for impl in FAST_IMPLS}
+    assert_trees_close(outs["pallas"], outs["chunked"], F32_TOL, "compiled pallas vs chunked")
+    state = state_of(inputs)
+    primals = (state.weights, state.momentum, state.anchor, *(jnp.asarray(inputs[n]) for n in ARGS))
+    grads = {
+        impl: jax.jit(jax.grad(functools.partial(_scalar_loss, impl, inputs, 0, kw), argnums=tuple(range(9))))(*primals)
+        for impl in FAST_IMPLS
+    }
+    assert_trees_close(grads["pallas"], grads["chunked"], F32_TOL, "compiled pallas vs chunked, gradients")
