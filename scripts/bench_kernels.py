@@ -5,6 +5,7 @@
     python scripts/bench_kernels.py --smoke         # tiny shapes, Pallas interpreted: runs on CPU
 
 Memory scan alone (no projections), memory depth 2 at expansion 4 (and depth 1, "linear memory"),
+float32 matmuls (exact) and bf16 matmul inputs with float32 accumulation (`matmul_dtype`),
 width 1024 as 16 heads x 64 and 8 x 128, chunks 16/64/256, 8K and 64K tokens. The batch is chosen
 so that batch x heads >= 2 x the GPU's SM count: one program per (batch, head) and a sequential
 chunk loop give no other parallelism. Inputs bf16, state float32; the loss for forward+backward is
@@ -47,6 +48,7 @@ class BenchConfig:
     depths: tuple[int, ...] = (2, 1)
     impls: tuple[str, ...] = ("chunked", "pallas", "fla")
     modes: tuple[str, ...] = ("fwd", "fwdbwd")
+    matmul_dtypes: tuple[str, ...] = ("float32", "bfloat16")
     expansion: int = 4
     batch: int = 0  # 0: fill the GPU (batch x heads >= 2 x SMs)
     interpret: bool = False
@@ -59,7 +61,9 @@ class BenchConfig:
             n, _, d = h.partition("x")
             if not (n.isdigit() and d.isdigit()):
                 raise ValueError(f"--heads entry {h!r} must be <heads>x<head_dim>, e.g. 16x64")
-        for name, allowed in (("impls", ("chunked", "pallas", "fla")), ("modes", ("fwd", "fwdbwd"))):
+        choices = (("impls", ("chunked", "pallas", "fla")), ("modes", ("fwd", "fwdbwd")),
+                   ("matmul_dtypes", ("float32", "bfloat16")))
+        for name, allowed in choices:
             bad = set(getattr(self, name)) - set(allowed)
             if bad:
                 raise ValueError(f"--{name} has unknown entries {sorted(bad)}; choose from {allowed}")
@@ -68,10 +72,11 @@ class BenchConfig:
 
     def cases(self) -> list[dict]:
         return [
-            dict(heads=h, chunk=b, seq=t, depth=depth, impl=impl, mode=mode)
+            dict(heads=h, chunk=b, seq=t, depth=depth, mode=mode, matmul=mm, impl=impl)
             for depth in self.depths for h in self.heads for b in self.chunks for t in self.seq_lens
-            for mode in self.modes for impl in self.impls
-            if impl != "fla" or depth == 1  # the delta rule is a linear (depth-1) memory
+            for mode in self.modes for mm in self.matmul_dtypes for impl in self.impls
+            # the delta rule is a linear (depth-1) memory with bf16 matmuls
+            if impl != "fla" or (depth == 1 and mm == "bfloat16")
         ]
 
 
@@ -124,7 +129,7 @@ def _jax_step(case: dict, cfg: BenchConfig):
         interpret = cfg.interpret if impl == "pallas" else None
         return memory_scan(
             MemoryState.create(weights), *args, chunk_size=case["chunk"], residual_norm=False, impl=impl,
-            interpret=interpret,
+            interpret=interpret, matmul_dtype=case["matmul"],
         )[0]
 
     def step(impl):
@@ -196,15 +201,14 @@ def run_case(case: dict, cfg: BenchConfig) -> dict:
 
 
 def table(rows: list[dict], peak: float | None) -> str:
-    head = "| depth | heads x d_h | chunk | tokens | batch | mode | impl | tokens/s | TFLOP/s | % bf16 peak | vs chunked | max rel err vs chunked |"
+    head = ("| depth | heads x d_h | chunk | tokens | batch | mode | matmuls | impl | tokens/s | TFLOP/s | % bf16 peak "
+            "| vs chunked | max rel err vs chunked |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    base = {
-        (r["depth"], r["heads"], r["chunk"], r["seq"], r["mode"]): r["tokens_per_s"]
-        for r in rows if r["impl"] == "chunked" and r.get("status") == "ok"
-    }
+    key_of = lambda r: (r["depth"], r["heads"], r["chunk"], r["seq"], r["mode"], r["matmul"])
+    base = {key_of(r): r["tokens_per_s"] for r in rows if r["impl"] == "chunked" and r.get("status") == "ok"}
     for r in rows:
-        key = (r["depth"], r["heads"], r["chunk"], r["seq"], r["mode"])
-        cells = [r["depth"], r["heads"], r["chunk"], r["seq"], r.get("batch", ""), r["mode"], r["impl"]]
+        key = key_of(r)
+        cells = [r["depth"], r["heads"], r["chunk"], r["seq"], r.get("batch", ""), r["mode"], r["matmul"], r["impl"]]
         if r.get("status") != "ok":
             lines.append("| " + " | ".join(map(str, cells)) + f" | {r['status']} | | | | |")
             continue
@@ -226,7 +230,8 @@ def main(cfg: BenchConfig) -> list[dict]:
         f"{machine_line()}; device: {kind}"
         f"{f' (dense bf16 peak {peak} TFLOP/s)' if peak else ''}"
         f"{'; Pallas interpreted' if cfg.interpret else ''}  \n"
-        f"Memory scan only, expansion {cfg.expansion}, bf16 inputs, float32 state and matmuls; "
+        f"Memory scan only, expansion {cfg.expansion}, bf16 inputs, float32 state; matmuls float32 or bf16 "
+        "inputs with float32 accumulation (`matmul_dtype`); "
         "forward+backward = gradients of sum(y^2) w.r.t. state and inputs; FLOPs analytic (3x forward).\n\n"
         + table(rows, peak)
     )
@@ -236,8 +241,8 @@ def main(cfg: BenchConfig) -> list[dict]:
     return rows
 
 
-SMOKE = dict(heads=("2x16",), chunks=(16,), seq_lens=(48,), depths=(2,), impls=("chunked", "pallas"), batch=1,
-             interpret=True, iters=1)
+SMOKE = dict(heads=("2x16",), chunks=(16,), seq_lens=(48,), depths=(2,), impls=("chunked", "pallas"),
+             matmul_dtypes=("float32",), batch=1, interpret=True, iters=1)
 
 
 def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
@@ -249,13 +254,14 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     p.add_argument("--depths", help="comma-separated memory depths, e.g. 2,1")
     p.add_argument("--impls", help="comma-separated: chunked,pallas,fla")
     p.add_argument("--modes", help="comma-separated: fwd,fwdbwd")
+    p.add_argument("--matmul-dtypes", help="comma-separated: float32,bfloat16")
     p.add_argument("--batch", type=int, help="rows per step (default: batch x heads >= 2 x SMs)")
     p.add_argument("--iters", type=int)
     p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
     add_child_args(p)
     args = p.parse_args(argv)
     kw = dict(SMOKE) if args.smoke else {}
-    kw.update(list_args(args, ("heads", "impls", "modes")), **list_args(args, ("chunks", "seq_lens", "depths"), int))
+    kw.update(list_args(args, ("heads", "impls", "modes", "matmul_dtypes")), **list_args(args, ("chunks", "seq_lens", "depths"), int))
     kw.update({k: getattr(args, k) for k in ("batch", "iters") if getattr(args, k) is not None})
     return BenchConfig(write=args.write, **kw), args
 

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_smoke_run_checks_pallas_against_chunked_and_prints_the_table():
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_kernels.py"), "--smoke", "--modes", "fwd"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    rows = [line for line in out.splitlines() if line.startswith("| 2 | 2x16 | 16 | 48 | 1 | fwd |")]
-    assert [r.split("|")[7].strip() for r in rows] == ["chunked", "pallas"], out
+    rows = [line for line in out.splitlines() if line.startswith("| 2 | 2x16 | 16 | 48 | 1 | fwd | float32 |")]
+    assert [r.split("|")[8].strip() for r in rows] == ["chunked", "pallas"], out
     err = float(rows[1].split("|")[-2])
     assert err < 1e-5 and re.search(r"\| \d+ \|", rows[1])
 

@@ -193,6 +193,15 @@ def test_bfloat16_compute_keeps_float32_memory():
     assert_tree_close(o.astype(jnp.float32), o32, 0.05)
 
 
+def test_bfloat16_matmuls_reach_the_scan():
+    """matmul_dtype reaches memory_scan: the output moves by bf16 round-off, not more."""
+    x = inputs()
+    o32, _ = make(residual_norm=False)(x)
+    o16, _ = make(residual_norm=False, matmul_dtype="bfloat16")(x)
+    err = float(jnp.max(jnp.abs(o16 - o32)) / jnp.max(jnp.abs(o32)))
+    assert 1e-6 < err < 2e-2, err
+
+
 def test_sow_gate_means_only_under_capture():
     layer = make()
     x = inputs()
@@ -210,7 +219,7 @@ def test_sow_gate_means_only_under_capture():
     [("depth", 0), ("depth", 5), ("activation", "relu"), ("d_model", 0), ("num_heads", -1), ("head_dim", 0),
      ("expansion", 0), ("chunk_size", 0), ("conv_kernel", 0), ("head_dim", 8.0), ("max_lr", 0.0),
      ("theta_init", 0.2), ("eta_init", 1.0), ("alpha_init", 0.0), ("impl", "cuda"), ("residual_norm", 1),
-     ("per_layer_lr", "yes"), ("dtype", jnp.int32), ("param_dtype", jnp.bfloat16)],
+     ("per_layer_lr", "yes"), ("dtype", jnp.int32), ("param_dtype", jnp.bfloat16), ("matmul_dtype", "float16")],
 )
 def test_config_validation(field, value):
     base = dict(d_model=16, num_heads=2, head_dim=8)

@@ -38,19 +38,25 @@ def _loss(weights, *args, **kw):
 SHAPES = [
     dict(heads=16, dim=64, chunk=16, depth=2, activation="gelu", residual_norm=True, read_before_write=False),
     dict(heads=16, dim=64, chunk=64, depth=2, activation="silu", residual_norm=False, read_before_write=True),
+    dict(heads=16, dim=64, chunk=64, depth=2, activation="silu", residual_norm=False, read_before_write=False,
+         matmul_dtype="bfloat16"),
     dict(heads=8, dim=128, chunk=64, depth=2, activation="gelu", residual_norm=True, read_before_write=False),
     dict(heads=8, dim=128, chunk=256, depth=2, activation="gelu", residual_norm=False, read_before_write=False),
+    dict(heads=8, dim=128, chunk=256, depth=2, activation="gelu", residual_norm=False, read_before_write=False,
+         matmul_dtype="bfloat16"),
     dict(heads=16, dim=64, chunk=64, depth=1, activation="gelu", residual_norm=False, read_before_write=False),
     dict(heads=16, dim=64, chunk=32, depth=3, activation="silu", residual_norm=True, read_before_write=True),
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s['heads']}x{s['dim']}-b{s['chunk']}-L{s['depth']}")
+@pytest.mark.parametrize(
+    "shape", SHAPES, ids=lambda s: f"{s['heads']}x{s['dim']}-b{s['chunk']}-L{s['depth']}-{s.get('matmul_dtype', 'float32')}"
+)
 def test_memory_scan_lowers_for_cuda_forward_and_backward(shape):
     weights, args = _specs(2, 3 * shape["chunk"] + 5, shape["heads"], shape["dim"], 4 * shape["dim"], shape["depth"])
     kw = dict(
         chunk_size=shape["chunk"], activation=shape["activation"], residual_norm=shape["residual_norm"],
-        read_before_write=shape["read_before_write"],
+        read_before_write=shape["read_before_write"], matmul_dtype=shape.get("matmul_dtype", "float32"),
     )
     assert triton_calls(lower_for_cuda(functools.partial(_forward, **kw), weights, *args)) == 1
     grad = jax.grad(functools.partial(_loss, **kw), argnums=tuple(range(7)))

@@ -81,6 +81,7 @@ _MEMORY_FIELDS = {
     "chunk_size": "chunk_size", "max_lr": "max_lr", "per_layer_lr": "per_layer_lr",
     "theta_init": "theta_init", "eta_init": "eta_init", "alpha_init": "alpha_init",
     "conv_kernel": "conv_kernel", "read_before_write": "read_before_write", "mem_impl": "impl",
+    "mem_matmul_dtype": "matmul_dtype",
 }
 
 
@@ -130,6 +131,7 @@ class ModelConfig:
     conv_kernel: int = _memory_default("conv_kernel")
     read_before_write: bool = _memory_default("read_before_write")
     mem_impl: str = _memory_default("mem_impl")
+    mem_matmul_dtype: str = _memory_default("mem_matmul_dtype")
     # MAC
     segment_len: int = 128
     # precision

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels.memory import IMPLS, MAX_DEPTH, MemoryState, memory_scan
-from kernels.memory.common import ACTIVATIONS
+from kernels.memory.common import ACTIVATIONS, MATMUL_DTYPES
 from titans.conv import ConvProjection
 from titans.layers import dense, l2_normalize, rms_norm
 from titans.sharding import sharded_init
@@ -65,6 +65,7 @@ class MemoryLayerConfig:
     conv_kernel: int = 4
     read_before_write: bool = False
     impl: str = "auto"
+    matmul_dtype: str = "float32"  # "bfloat16": the scan's matmul inputs in bf16 (kernels/memory/README.md)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -100,6 +101,8 @@ class MemoryLayerConfig:
                 )
         if self.impl not in IMPLS:
             raise ValueError(f"MemoryLayerConfig.impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.matmul_dtype not in MATMUL_DTYPES:
+            raise ValueError(f"MemoryLayerConfig.matmul_dtype must be one of {MATMUL_DTYPES}, got {self.matmul_dtype!r}")
         dtype = _as_dtype(self.dtype)
         if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(
@@ -265,11 +268,11 @@ class NeuralMemory(nnx.Module):
         means = {"theta": theta.mean(), "eta": eta.mean(), "alpha": alpha.mean()}
         # One token (decode) costs one gradient in the token loop but a whole chunk (two with a
         # traced offset) in the chunk form; both compute the same numbers (spec section 2).
-        impl = "reference" if cfg.impl == "auto" and x.shape[1] == 1 else cfg.impl
+        impl = "reference" if cfg.impl == "auto" and x.shape[1] == 1 and cfg.matmul_dtype == "float32" else cfg.impl
         y, memory = memory_scan(
             state.memory, q, k, v, theta, eta, alpha,
             chunk_size=cfg.chunk_size, activation=cfg.activation, residual_norm=cfg.use_residual_norm,
-            read_before_write=cfg.read_before_write, impl=impl,
+            read_before_write=cfg.read_before_write, impl=impl, matmul_dtype=cfg.matmul_dtype,
         )
         return y.astype(cfg.dtype), MemoryLayerState(memory, conv), means
 

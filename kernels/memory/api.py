@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.memory.chunked import memory_scan_chunked
-from kernels.memory.common import ACTIVATIONS, MemoryState
+from kernels.memory.common import ACTIVATIONS, MATMUL_DTYPES, MemoryState
 from kernels.memory.pallas import memory_scan_pallas, supported
 from kernels.memory.reference import memory_scan_reference
 
@@ -128,6 +128,7 @@ def memory_scan(
     mask: jax.Array | None = None,
     impl: Impl = "auto",
     interpret: bool | None = None,
+    matmul_dtype: str = "float32",
 ) -> tuple[jax.Array, MemoryState]:
     """Run the Titans memory over `T` tokens from `state`.
 
@@ -138,12 +139,16 @@ def memory_scan(
 
     impl: "auto" (the Pallas kernel on GPU where `pallas.supported`, else "chunked"), "chunked",
     "pallas" or "reference" (the token loop, the oracle). interpret: run Pallas in interpret mode;
-    None = only where nothing else can run it (CPU).
+    None = only where nothing else can run it (CPU). matmul_dtype: "float32" (exact, the spec) or
+    "bfloat16" (the chunk form's matmul inputs in bf16, float32 accumulation and state; chunked and
+    pallas only).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if matmul_dtype not in MATMUL_DTYPES:
+        raise ValueError(f"matmul_dtype must be one of {MATMUL_DTYPES}, got {matmul_dtype!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     for name, flag in (("residual_norm", residual_norm), ("read_before_write", read_before_write)):
@@ -163,6 +168,8 @@ def memory_scan(
             "a state must be used with the chunk_size it was built with"
         )
     impl = _resolve(impl, interpret, chunk_size, q.shape[-1], state, dtype)
+    if impl == "reference" and matmul_dtype != "float32":
+        raise ValueError("impl='reference' is the exact float32 oracle; matmul_dtype='bfloat16' needs 'chunked' or 'pallas'")
 
     if theta.ndim == 3:
         theta = jnp.broadcast_to(theta[..., None], theta.shape + (depth,))
@@ -170,9 +177,11 @@ def memory_scan(
         mask = jnp.ones(q.shape[:2], jnp.bool_)
     cast = lambda x: x.astype(dtype)
     if impl == "pallas":
-        fn = functools.partial(memory_scan_pallas, interpret=_interpret(interpret))
+        fn = functools.partial(memory_scan_pallas, interpret=_interpret(interpret), matmul_dtype=matmul_dtype)
+    elif impl == "chunked":
+        fn = functools.partial(memory_scan_chunked, matmul_dtype=matmul_dtype)
     else:
-        fn = memory_scan_reference if impl == "reference" else memory_scan_chunked
+        fn = memory_scan_reference
     y, new_state = fn(
         state, *map(cast, (q, k, v, theta, eta, alpha)), mask,
         chunk_size=int(chunk_size), activation=activation, residual_norm=residual_norm,

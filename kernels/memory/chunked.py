@@ -32,11 +32,9 @@ from kernels.memory.common import (
     ACTIVATIONS,
     MemoryState,
     associative_loss,
+    chunk_ops,
     matmul,
-    matmul_nt,
-    matmul_tn,
     memory_output,
-    XLA_ROWS,
     mlp_layers,
 )
 
@@ -106,9 +104,9 @@ def chunk_coefficients(eta, alpha, valid, read_before_write) -> Coefficients:
     return Coefficients(d0, c, gamma, *ends)
 
 
-def _key_error(out, k, v, residual_norm, rows):
+def _key_error(out, k, v, residual_norm, ops):
     """d loss / d out for the memory's last pre-activation `out` [..., b, D] (the error delta^(L))."""
-    return jax.grad(lambda o: associative_loss(memory_output(k, o, residual_norm, rows), v))(out)
+    return jax.grad(lambda o: associative_loss(memory_output(k, o, residual_norm, ops), v))(out)
 
 
 def chunk_forward(carry, inputs, coef: Coefficients, completes, config):
@@ -117,9 +115,9 @@ def chunk_forward(carry, inputs, coef: Coefficients, completes, config):
     carry: (weights, momentum, anchor), each a tuple of `[..., in, out]`; inputs: q, k, v
     `[..., b, D]` and theta, a tuple of L `[..., b]` (0 at invalid positions); completes: bool `[]`
     (the chunk ends inside the call, so the next one re-anchors); config: (activation,
-    residual_norm, rows). Returns ((new carry), y `[..., b, D]`) and the residuals of `chunk_backward`.
+    residual_norm, ops). Returns ((new carry), y `[..., b, D]`) and the residuals of `chunk_backward`.
     """
-    activation, residual_norm, rows = config
+    activation, residual_norm, ops = config
     act, act_grad = ACTIVATIONS[activation], _derivative(ACTIVATIONS[activation])
     weights, momentum, anchor = carry
     q, k, v, theta = inputs
@@ -127,12 +125,12 @@ def chunk_forward(carry, inputs, coef: Coefficients, completes, config):
 
     # One forward + backward of the memory on the keys at the anchor: the layer inputs a^(l) and
     # errors delta^(l) whose outer products are the per-token gradients g_j^(l).
-    a, z = mlp_layers(anchor, k, activation)
+    a, z = mlp_layers(anchor, k, activation, ops.matmul)
     delta = [None] * depth
     s = [None] * (depth - 1)  # delta^(l+1) W^(l+1)T, before the activation's derivative
-    delta[-1] = _key_error(z[-1], k, v, residual_norm, rows)
+    delta[-1] = _key_error(z[-1], k, v, residual_norm, ops)
     for layer in reversed(range(depth - 1)):
-        s[layer] = matmul_nt(delta[layer + 1], anchor[layer + 1])
+        s[layer] = ops.matmul_nt(delta[layer + 1], anchor[layer + 1])
         delta[layer] = s[layer] * act_grad(z[layer])
 
     u, uw, us, p, zeta = [], [], [], [], []
@@ -141,20 +139,20 @@ def chunk_forward(carry, inputs, coef: Coefficients, completes, config):
     for layer, (w, m) in enumerate(zip(weights, momentum)):
         th = theta[layer]  # [..., b]
         u.append(h)
-        p.append(matmul_nt(h, a[layer]))  # u_t . a_j, [..., b(t), b(j)]
-        uw.append(matmul(h, w))
-        us.append(matmul(h, m))
+        p.append(ops.matmul_nt(h, a[layer]))  # u_t . a_j, [..., b(t), b(j)]
+        uw.append(ops.matmul(h, w))
+        us.append(ops.matmul(h, m))
         scores = p[-1] * coef.gamma * th[..., None, :]
-        zeta.append(coef.d0[..., None] * uw[-1] + coef.c[..., None] * us[-1] - matmul(scores, delta[layer]))
+        zeta.append(coef.d0[..., None] * uw[-1] + coef.c[..., None] * us[-1] - ops.matmul(scores, delta[layer]))
         h = act(zeta[-1]) if layer < depth - 1 else h
         new_weights.append(
             coef.d0_end[..., None, None] * w + coef.c_end[..., None, None] * m
-            - matmul_tn(a[layer], (coef.gamma_end * th)[..., None] * delta[layer])
+            - ops.matmul_tn(a[layer], (coef.gamma_end * th)[..., None] * delta[layer])
         )
         new_momentum.append(
-            coef.h0_end[..., None, None] * m - matmul_tn(a[layer], (coef.mom_end * th)[..., None] * delta[layer])
+            coef.h0_end[..., None, None] * m - ops.matmul_tn(a[layer], (coef.mom_end * th)[..., None] * delta[layer])
         )
-    y = memory_output(q, zeta[-1], residual_norm, rows)
+    y = memory_output(q, zeta[-1], residual_norm, ops)
 
     new_anchor = tuple(jnp.where(completes, w, an) for w, an in zip(new_weights, anchor))
     out = ((tuple(new_weights), tuple(new_momentum), new_anchor), y)
@@ -168,7 +166,7 @@ def chunk_backward(config, residuals, cotangents):
 
     Returns the carry's cotangent, (q, k, v, theta-tuple) cotangents and the coefficients' one.
     """
-    activation, residual_norm, rows = config
+    activation, residual_norm, ops = config
     act_grad = _derivative(ACTIVATIONS[activation])
     carry, inputs, coef, completes, a, z, s, delta, u, uw, us, p, zeta = residuals
     (new_weights_bar, new_momentum_bar, new_anchor_bar), y_bar = cotangents
@@ -198,37 +196,37 @@ def chunk_backward(config, residuals, cotangents):
         coef_bar["c_end"] += sum_mat(wb * m)
         coef_bar["h0_end"] += sum_mat(mb * m)
         gw, gm = (coef.gamma_end * th)[..., None], (coef.mom_end * th)[..., None]
-        a_wb, a_mb = matmul(a[layer], wb), matmul(a[layer], mb)  # [..., b, out]
-        a_bar[layer] -= gw * matmul_nt(delta[layer], wb) + gm * matmul_nt(delta[layer], mb)
+        a_wb, a_mb = ops.matmul(a[layer], wb), ops.matmul(a[layer], mb)  # [..., b, out]
+        a_bar[layer] -= gw * ops.matmul_nt(delta[layer], wb) + gm * ops.matmul_nt(delta[layer], mb)
         delta_bar[layer] -= gw * a_wb + gm * a_mb
-        coef_w = -rows.sum(a_wb * delta[layer])[..., 0]  # d/d(G_b theta)_j
-        coef_m = -rows.sum(a_mb * delta[layer])[..., 0]
+        coef_w = -ops.sum(a_wb * delta[layer])[..., 0]  # d/d(G_b theta)_j
+        coef_m = -ops.sum(a_mb * delta[layer])[..., 0]
         theta_bar[layer] = coef_w * coef.gamma_end + coef_m * coef.mom_end
         coef_bar["gamma_end"] += coef_w * th
         coef_bar["mom_end"] += coef_m * th
 
     # Readout: zeta = d0 (u W) + c (u S) - (P * G * theta) delta, layer by layer from the top.
-    _, readout_vjp = jax.vjp(lambda zz, qq: memory_output(qq, zz, residual_norm, rows), zeta[-1], q)
+    _, readout_vjp = jax.vjp(lambda zz, qq: memory_output(qq, zz, residual_norm, ops), zeta[-1], q)
     zeta_bar, q_bar = readout_vjp(y_bar.astype(zeta[-1].dtype))
     u_bar = None  # the error of the layer above, set at the end of each iteration
     for layer in reversed(range(depth)):
         th = theta[layer]
         if layer < depth - 1:
             zeta_bar = u_bar * act_grad(zeta[layer])
-        coef_bar["d0"] += rows.sum(zeta_bar * uw[layer])[..., 0]
-        coef_bar["c"] += rows.sum(zeta_bar * us[layer])[..., 0]
+        coef_bar["d0"] += ops.sum(zeta_bar * uw[layer])[..., 0]
+        coef_bar["c"] += ops.sum(zeta_bar * us[layer])[..., 0]
         zd, zc = coef.d0[..., None] * zeta_bar, coef.c[..., None] * zeta_bar
-        weights_bar[layer] += matmul_tn(u[layer], zd)
-        momentum_bar[layer] += matmul_tn(u[layer], zc)
-        u_bar = matmul_nt(zd, weights[layer]) + matmul_nt(zc, momentum[layer])
-        scores_bar = -matmul_nt(zeta_bar, delta[layer])  # [..., b, b]
-        delta_bar[layer] -= matmul_tn(p[layer] * coef.gamma * th[..., None, :], zeta_bar)
+        weights_bar[layer] += ops.matmul_tn(u[layer], zd)
+        momentum_bar[layer] += ops.matmul_tn(u[layer], zc)
+        u_bar = ops.matmul_nt(zd, weights[layer]) + ops.matmul_nt(zc, momentum[layer])
+        scores_bar = -ops.matmul_nt(zeta_bar, delta[layer])  # [..., b, b]
+        delta_bar[layer] -= ops.matmul_tn(p[layer] * coef.gamma * th[..., None, :], zeta_bar)
         pm = scores_bar * p[layer]
         coef_bar["gamma"] += pm * th[..., None, :]
         theta_bar[layer] += jnp.sum(pm * coef.gamma, axis=-2)
         p_bar = scores_bar * coef.gamma * th[..., None, :]
-        u_bar += matmul(p_bar, a[layer])
-        a_bar[layer] += matmul_tn(p_bar, u[layer])
+        u_bar += ops.matmul(p_bar, a[layer])
+        a_bar[layer] += ops.matmul_tn(p_bar, u[layer])
     q_bar += u_bar
 
     # Keys, second order: delta^(l) = (delta^(l+1) W^(l+1)T) * act'(z^(l)), delta^(L) = error(out).
@@ -236,15 +234,15 @@ def chunk_backward(config, residuals, cotangents):
         _, chain_vjp = jax.vjp(lambda ss, zz: ss * act_grad(zz), s[layer], z[layer])
         s_bar, z_extra = chain_vjp(delta_bar[layer])
         z_bar[layer] += z_extra
-        delta_bar[layer + 1] += matmul(s_bar, anchor[layer + 1])
-        anchor_bar[layer + 1] += matmul_tn(s_bar, delta[layer + 1])
-    _, error_vjp = jax.vjp(lambda o, kk, vv: _key_error(o, kk, vv, residual_norm, rows), z[-1], k, v)
+        delta_bar[layer + 1] += ops.matmul(s_bar, anchor[layer + 1])
+        anchor_bar[layer + 1] += ops.matmul_tn(s_bar, delta[layer + 1])
+    _, error_vjp = jax.vjp(lambda o, kk, vv: _key_error(o, kk, vv, residual_norm, ops), z[-1], k, v)
     out_bar, k_bar, v_bar = error_vjp(delta_bar[-1])
     z_bar[-1] += out_bar
     # Keys, first order: z^(l) = a^(l) A^(l), a^(l+1) = act(z^(l)), a^(1) = k.
     for layer in reversed(range(depth)):
-        anchor_bar[layer] += matmul_tn(a[layer], z_bar[layer])
-        a_bar[layer] += matmul_nt(z_bar[layer], anchor[layer])
+        anchor_bar[layer] += ops.matmul_tn(a[layer], z_bar[layer])
+        a_bar[layer] += ops.matmul_nt(z_bar[layer], anchor[layer])
         if layer > 0:
             z_bar[layer - 1] += a_bar[layer] * act_grad(z[layer - 1])
     k_bar += a_bar[0]
@@ -256,19 +254,20 @@ def chunk_backward(config, residuals, cotangents):
 def _step_forward(carry, xs, config):
     """The scan step: one chunk with its coefficients. xs: q, k, v [B, H, b, D]; theta [B, H, b, L]
     (0 where invalid); eta, alpha [B, H, b]; valid [B, 1, b] bool; completes [] bool."""
-    activation, residual_norm, read_before_write = config
+    activation, residual_norm, read_before_write, matmul_dtype = config
     q, k, v, theta, eta, alpha, valid, completes = xs
     coef = chunk_coefficients(eta, alpha, valid, read_before_write)
     inputs = (q, k, v, tuple(theta[..., layer] for layer in range(theta.shape[-1])))
-    out, residuals = chunk_forward(carry, inputs, coef, completes, (activation, residual_norm, XLA_ROWS))
+    ops = chunk_ops(kernel=False, matmul_dtype=matmul_dtype)
+    out, residuals = chunk_forward(carry, inputs, coef, completes, (activation, residual_norm, ops))
     return out, (residuals, eta, alpha, valid)
 
 
 def _step_backward(config, residuals, cotangents):
-    activation, residual_norm, read_before_write = config
+    activation, residual_norm, read_before_write, matmul_dtype = config
     residuals, eta, alpha, valid = residuals
     carry_bar, (q_bar, k_bar, v_bar, theta_bar), coef_bar = chunk_backward(
-        (activation, residual_norm, XLA_ROWS), residuals, cotangents
+        (activation, residual_norm, chunk_ops(kernel=False, matmul_dtype=matmul_dtype)), residuals, cotangents
     )
     _, coefficients_vjp = jax.vjp(lambda e, al: chunk_coefficients(e, al, valid, read_before_write), eta, alpha)
     eta_bar, alpha_bar = coefficients_vjp(coef_bar)
@@ -327,6 +326,7 @@ def memory_scan_chunked(
     activation: str,
     residual_norm: bool,
     read_before_write: bool,
+    matmul_dtype: str = "float32",
 ) -> tuple[jax.Array, MemoryState]:
     B, T, H, D = q.shape
     b = chunk_size
@@ -346,7 +346,7 @@ def memory_scan_chunked(
         chunks(eta, 1.0), chunks(alpha, 0.0), valid, completes,
     )
 
-    config = (activation, residual_norm, read_before_write)
+    config = (activation, residual_norm, read_before_write, matmul_dtype)
     step = lambda carry, chunk_xs: _chunk_step(carry, chunk_xs, config)
 
     # Backprop through a scan keeps every step's carry: three weight copies per chunk. Instead keep

@@ -49,6 +49,21 @@ class MemoryState(NamedTuple):
         return cls(weights, tuple(momentum), weights, np.zeros((), np.int32))
 
 
+def matmul(a: jax.Array, b: jax.Array, out=None) -> jax.Array:
+    """`out`: the result dtype (float32 accumulation of bf16 inputs); default: the inputs'."""
+    return jnp.matmul(a, b, precision=PRECISION, preferred_element_type=out)
+
+
+def matmul_nt(a: jax.Array, b: jax.Array, out=None) -> jax.Array:
+    """a `[..., m, k]` times b `[..., n, k]` transposed -> `[..., m, n]`, as one dot_general."""
+    return jnp.einsum("...mk,...nk->...mn", a, b, precision=PRECISION, preferred_element_type=out)
+
+
+def matmul_tn(a: jax.Array, b: jax.Array, out=None) -> jax.Array:
+    """a `[..., k, m]` transposed times b `[..., k, n]` -> `[..., m, n]`."""
+    return jnp.einsum("...km,...kn->...mn", a, b, precision=PRECISION, preferred_element_type=out)
+
+
 def row_sum(x: jax.Array) -> jax.Array:
     """Sum over the last axis, keeping it (size 1).
 
@@ -63,51 +78,56 @@ def _broadcast_row(s: jax.Array, n: int) -> jax.Array:
     return matmul(s, jnp.ones((1, n), s.dtype))
 
 
-class Rows(NamedTuple):
-    """How row sums `[..., n] -> [..., 1]` and their broadcasts back are computed.
+class Ops(NamedTuple):
+    """The primitives the per-chunk math is written in, so XLA and Pallas kernels share it.
 
-    XLA code uses matmuls with ones (see `row_sum`); a Triton kernel cannot (a dot needs every
-    dimension >= 16), so kernels use plain reductions. The math is the same.
+    sum/broadcast: row sums `[..., n] -> [..., 1]` and back. XLA code uses matmuls with ones (see
+    `row_sum`); a Triton kernel cannot (a dot needs every dimension >= 16), so kernels reduce.
+    matmul, matmul_nt, matmul_tn: the products of the chunk form, float32 (HIGHEST) or with
+    bfloat16 inputs and float32 accumulation (`chunk_ops`).
     """
 
     sum: Callable[[jax.Array], jax.Array]
     broadcast: Callable[[jax.Array, int], jax.Array]
+    matmul: Callable[[jax.Array, jax.Array], jax.Array]
+    matmul_nt: Callable[[jax.Array, jax.Array], jax.Array]
+    matmul_tn: Callable[[jax.Array, jax.Array], jax.Array]
 
 
-XLA_ROWS = Rows(row_sum, _broadcast_row)
-KERNEL_ROWS = Rows(
-    lambda x: jnp.sum(x, axis=-1, keepdims=True),
-    lambda s, n: jnp.broadcast_to(s, s.shape[:-1] + (n,)),
-)
+MATMUL_DTYPES = ("float32", "bfloat16")
 
 
-def layer_norm(x: jax.Array, rows: Rows = XLA_ROWS) -> jax.Array:
+def chunk_ops(kernel: bool, matmul_dtype: str = "float32") -> Ops:
+    if kernel:
+        rows = (lambda x: jnp.sum(x, axis=-1, keepdims=True), lambda s, n: jnp.broadcast_to(s, s.shape[:-1] + (n,)))
+    else:
+        rows = (row_sum, _broadcast_row)
+    if matmul_dtype == "float32":
+        return Ops(*rows, matmul, matmul_nt, matmul_tn)
+
+    def low(product):  # bf16 inputs, float32 (the state's dtype) accumulation and result
+        return lambda a, b: product(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), out=a.dtype)
+
+    return Ops(*rows, low(matmul), low(matmul_nt), low(matmul_tn))
+
+
+XLA_OPS = chunk_ops(kernel=False)
+
+
+def layer_norm(x: jax.Array, ops: Ops | None = None) -> jax.Array:
     """LayerNorm over the last axis without affine parameters (biased variance).
 
-    With `XLA_ROWS`, means and their broadcasts are matmuls with ones, so autodiff of this (first
-    and second order, as the chunk scan needs) has no row reductions (slow on XLA:CPU).
+    With the default (XLA) ops, means and their broadcasts are matmuls with ones, so autodiff of
+    this (first and second order, as the chunk scan needs) has no row reductions (slow on XLA:CPU).
     """
+    ops = ops or XLA_OPS
     n = x.shape[-1]
-    centered = x - rows.broadcast(rows.sum(x) / n, n)
-    rstd = jax.lax.rsqrt(rows.sum(jnp.square(centered)) / n + LN_EPS)
-    return centered * rows.broadcast(rstd, n)
+    centered = x - ops.broadcast(ops.sum(x) / n, n)
+    rstd = jax.lax.rsqrt(ops.sum(jnp.square(centered)) / n + LN_EPS)
+    return centered * ops.broadcast(rstd, n)
 
 
-def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.matmul(a, b, precision=PRECISION)
-
-
-def matmul_nt(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a `[..., m, k]` times b `[..., n, k]` transposed -> `[..., m, n]`, as one dot_general."""
-    return jnp.einsum("...mk,...nk->...mn", a, b, precision=PRECISION)
-
-
-def matmul_tn(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a `[..., k, m]` transposed times b `[..., k, n]` -> `[..., m, n]`."""
-    return jnp.einsum("...km,...kn->...mn", a, b, precision=PRECISION)
-
-
-def mlp_layers(weights: Weights, x: jax.Array, activation: str) -> tuple[list[jax.Array], list[jax.Array]]:
+def mlp_layers(weights: Weights, x: jax.Array, activation: str, mm=matmul) -> tuple[list[jax.Array], list[jax.Array]]:
     """The memory MLP on x `[..., n, D]`: each layer's input `a^(l)` and pre-activation `z^(l)`
     (`h_l = act(z^(l))` feeds the next layer; the last `z^(L)` is the MLP output)."""
     act = ACTIVATIONS[activation]
@@ -115,14 +135,14 @@ def mlp_layers(weights: Weights, x: jax.Array, activation: str) -> tuple[list[ja
     h = x
     for layer, w in enumerate(weights):
         inputs.append(h)
-        pre.append(matmul(h, w))
+        pre.append(mm(h, w))
         h = act(pre[-1]) if layer < len(weights) - 1 else h
     return inputs, pre
 
 
-def memory_output(x: jax.Array, out: jax.Array, residual_norm: bool, rows: Rows = XLA_ROWS) -> jax.Array:
+def memory_output(x: jax.Array, out: jax.Array, residual_norm: bool, ops: Ops | None = None) -> jax.Array:
     """M_W(x) from the MLP output `out`: `x + LN(out)` with residual_norm, else `out`."""
-    return x + layer_norm(out, rows) if residual_norm else out
+    return x + layer_norm(out, ops) if residual_norm else out
 
 
 def memory_apply(weights: Weights, x: jax.Array, activation: str, residual_norm: bool) -> jax.Array:

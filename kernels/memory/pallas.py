@@ -12,7 +12,8 @@ Its backward recomputes the group's chunk-start states with the forward kernel (
 runs the backward kernel over the group's chunks in reverse, carrying the state's cotangent.
 
 Matmuls are float32 in, float32 out (`Precision.HIGHEST`, Triton's "ieee" input precision), the
-same numbers as `chunked` up to summation order. Triton needs power-of-two tiles of at least 16 for
+same numbers as `chunked` up to summation order; `matmul_dtype="bfloat16"` feeds them bf16 inputs
+(tensor cores) with float32 accumulation and a float32 state, in both impls alike. Triton needs power-of-two tiles of at least 16 for
 its dots, so the chunk size, head dim and hidden width must be powers of two >= 16 on GPU
 (`supported` says why a shape is not); interpret mode (CPU) runs any shape.
 """
@@ -29,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from kernels.memory.chunked import Coefficients, chunk_backward, chunk_coefficients, chunk_forward, chunk_grid
-from kernels.memory.common import KERNEL_ROWS, MemoryState
+from kernels.memory.common import MemoryState, chunk_ops
 
 # One warp group per program: the chunk loop is sequential, and a program's tiles are small.
 NUM_WARPS = 4
@@ -139,7 +140,7 @@ def _specs(carry, xs, n, b):
 
 
 def _forward_call(carry, xs, static, save):
-    b, n, activation, residual_norm, interpret = static
+    b, n, activation, residual_norm, matmul_dtype, interpret = static
     q = xs[0]
     B, _, H, _ = q.shape
     depth = len(carry[0])
@@ -150,7 +151,8 @@ def _forward_call(carry, xs, static, save):
     per_head = lambda s: pl.BlockSpec((None, None, *s.shape[2:]), lambda i, j: (i, j) + (0,) * (len(s.shape) - 2))
     out_specs = [in_specs[3 * depth]] + [per_head(s) for s in out_shape[1:]]
     kernel = functools.partial(
-        _forward_kernel, depth=depth, b=b, n=n, config=(activation, residual_norm, KERNEL_ROWS), save=save
+        _forward_kernel, depth=depth, b=b, n=n, save=save,
+        config=(activation, residual_norm, chunk_ops(kernel=True, matmul_dtype=matmul_dtype)),
     )
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B, H), in_specs=in_specs, out_specs=out_specs,
@@ -164,7 +166,7 @@ def _forward_call(carry, xs, static, save):
 
 
 def _backward_call(saved, xs, cotangents, static):
-    b, n, activation, residual_norm, interpret = static
+    b, n, activation, residual_norm, matmul_dtype, interpret = static
     carry_bar, y_bar = cotangents
     q, k, v, thetas, coef, completes = xs
     B, _, H, _ = q.shape
@@ -176,7 +178,8 @@ def _backward_call(saved, xs, cotangents, static):
     like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     out_shape = [like(x) for x in (q, k, v, *thetas, *coef, *jax.tree.leaves(carry_bar))]
     out_specs = [token_spec] * 3 + [per_head(s) for s in out_shape[3:]]
-    kernel = functools.partial(_backward_kernel, depth=depth, b=b, n=n, config=(activation, residual_norm, KERNEL_ROWS))
+    ops = chunk_ops(kernel=True, matmul_dtype=matmul_dtype)
+    kernel = functools.partial(_backward_kernel, depth=depth, b=b, n=n, config=(activation, residual_norm, ops))
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B, H), in_specs=in_specs, out_specs=out_specs,
         compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
@@ -225,6 +228,7 @@ def memory_scan_pallas(
     activation: str,
     residual_norm: bool,
     read_before_write: bool,
+    matmul_dtype: str = "float32",
     interpret: bool = False,
 ) -> tuple[jax.Array, MemoryState]:
     B, T, H, D = q.shape
@@ -259,7 +263,7 @@ def memory_scan_pallas(
         tokens(place(q, 0.0)), tokens(place(k, 0.0)), tokens(place(v, 0.0)), thetas, coef,
         completes.astype(jnp.int32).reshape(groups, group),
     )
-    static = (b, group, activation, residual_norm, interpret)  # (b, chunks per group, ...)
+    static = (b, group, activation, residual_norm, matmul_dtype, interpret)  # (b, chunks per group, ...)
     carry = (state.weights, state.momentum, state.anchor)
     carry, ys = jax.lax.scan(lambda c, x: _group(c, x, static), carry, xs)
     y = jnp.moveaxis(ys, 0, 1).reshape(B, N, H, D)
