@@ -126,15 +126,20 @@ def _backward_kernel(*refs, depth, b, n, config):
             ref[...] = m
 
 
-def _specs(carry, xs, n, b):
-    """BlockSpecs for grid (B, H): each program sees its (batch, head) slice of every array."""
+def _per_head(x) -> pl.BlockSpec:
+    """Program (i, j) of grid (B, H) sees row i, head j of an array `[B, H, ...]`."""
+    return pl.BlockSpec((None, None, *x.shape[2:]), lambda i, j: (i, j) + (0,) * (len(x.shape) - 2))
+
+
+def _specs(carry, xs, n):
+    """BlockSpecs of the kernels' common inputs: the (row, head) slice of every array; tokens
+    `[B, T, H, D]` are sliced in place (no transpose in HBM)."""
     tokens = lambda x: pl.BlockSpec((None, x.shape[1], None, x.shape[3]), lambda i, j: (i, 0, j, 0))
-    per_head = lambda x: pl.BlockSpec((None, None, *x.shape[2:]), lambda i, j: (i, j) + (0,) * (x.ndim - 2))
     q, k, v, thetas, coef, completes = xs
     return (
-        [per_head(w) for mats in carry for w in mats]
+        [_per_head(w) for mats in carry for w in mats]
         + [tokens(x) for x in (q, k, v)]
-        + [per_head(x) for x in (*thetas, *coef)]
+        + [_per_head(x) for x in (*thetas, *coef)]
         + [pl.BlockSpec((n,), lambda i, j: (0,))]
     )
 
@@ -147,9 +152,8 @@ def _forward_call(carry, xs, static, save):
     mats = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in carry[0]]
     saved = [jax.ShapeDtypeStruct((B, H, n, *w.shape[2:]), w.dtype) for w in carry[0]]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)] + mats * 3 + (saved * 3 if save else [])
-    in_specs = _specs(carry, xs, n, b)
-    per_head = lambda s: pl.BlockSpec((None, None, *s.shape[2:]), lambda i, j: (i, j) + (0,) * (len(s.shape) - 2))
-    out_specs = [in_specs[3 * depth]] + [per_head(s) for s in out_shape[1:]]
+    in_specs = _specs(carry, xs, n)
+    out_specs = [in_specs[3 * depth]] + [_per_head(s) for s in out_shape[1:]]
     kernel = functools.partial(
         _forward_kernel, depth=depth, b=b, n=n, save=save,
         config=(activation, residual_norm, chunk_ops(kernel=True, matmul_dtype=matmul_dtype)),
@@ -171,13 +175,12 @@ def _backward_call(saved, xs, cotangents, static):
     q, k, v, thetas, coef, completes = xs
     B, _, H, _ = q.shape
     depth = len(thetas)
-    in_specs = _specs(saved, xs, n, b)
+    in_specs = _specs(saved, xs, n)
     token_spec = in_specs[3 * depth]
-    per_head = lambda s: pl.BlockSpec((None, None, *s.shape[2:]), lambda i, j: (i, j) + (0,) * (len(s.shape) - 2))
-    in_specs += [token_spec] + [per_head(w) for mats in carry_bar for w in mats]
+    in_specs += [token_spec] + [_per_head(w) for mats in carry_bar for w in mats]
     like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     out_shape = [like(x) for x in (q, k, v, *thetas, *coef, *jax.tree.leaves(carry_bar))]
-    out_specs = [token_spec] * 3 + [per_head(s) for s in out_shape[3:]]
+    out_specs = [token_spec] * 3 + [_per_head(s) for s in out_shape[3:]]
     ops = chunk_ops(kernel=True, matmul_dtype=matmul_dtype)
     kernel = functools.partial(_backward_kernel, depth=depth, b=b, n=n, config=(activation, residual_norm, ops))
     outs = pl.pallas_call(
@@ -251,14 +254,14 @@ def memory_scan_pallas(
     def tokens(x):
         return jnp.moveaxis(x.reshape(B, groups, group * b, *x.shape[2:]), 1, 0)
 
-    def per_head(x, per_chunk):  # [B, H, n, ...] -> [G, B, H, g(*b), ...]
+    def by_group(x, per_chunk):  # [B, H, n, ...] -> [G, B, H, g(*b), ...]
         x = x.reshape(B, H, groups, group, *x.shape[3:])
         if not per_chunk:
             x = x.reshape(B, H, groups, group * x.shape[4], *x.shape[5:])
         return jnp.moveaxis(x, 2, 0)
 
-    thetas = tuple(per_head(jnp.moveaxis(theta[..., layer], 2, 1).reshape(B, H, n, b), False) for layer in range(depth))
-    coef = Coefficients(*(per_head(x, x.ndim == 3) for x in coef))
+    thetas = tuple(by_group(jnp.moveaxis(theta[..., layer], 2, 1).reshape(B, H, n, b), False) for layer in range(depth))
+    coef = Coefficients(*(by_group(x, x.ndim == 3) for x in coef))
     xs = (
         tokens(place(q, 0.0)), tokens(place(k, 0.0)), tokens(place(v, 0.0)), thetas, coef,
         completes.astype(jnp.int32).reshape(groups, group),
