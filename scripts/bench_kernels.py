@@ -100,13 +100,14 @@ def _inputs(case: dict, batch: int, cfg: BenchConfig):
     import jax
     import jax.numpy as jnp
 
+    from kernels.memory.common import layer_shapes
+
     heads, dim = map(int, case["heads"].split("x"))
     depth, hidden = case["depth"], cfg.expansion * dim
-    dims = [dim] + [hidden] * (depth - 1) + [dim] if depth > 1 else [dim, dim]
     keys = iter(jax.random.split(jax.random.key(0), 8 + depth))
     weights = tuple(
-        jax.random.normal(next(keys), (batch, heads, dims[i], dims[i + 1]), jnp.float32) / math.sqrt(dims[i])
-        for i in range(depth)
+        jax.random.normal(next(keys), (batch, heads, n_in, n_out), jnp.float32) / math.sqrt(n_in)
+        for n_in, n_out in layer_shapes(dim, hidden, depth)
     )
     unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
     shape = (batch, case["seq"], heads, dim)

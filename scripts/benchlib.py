@@ -43,10 +43,11 @@ def scan_flops_per_token(heads: int, head_dim: int, hidden: int, depth: int, chu
     and their product with the errors (b^2 n_in + b^2 n_out), the chunk-end W and S (2 b n_in n_out),
     plus G = Dc H (b^3).
     """
+    from kernels.memory.common import layer_shapes  # jax: only where FLOPs are counted
+
     b = chunk
-    dims = [head_dim] + [hidden] * (depth - 1) + [head_dim] if depth > 1 else [head_dim, head_dim]
     per_chunk = b**3
-    for layer, (n_in, n_out) in enumerate(zip(dims[:-1], dims[1:])):
+    for layer, (n_in, n_out) in enumerate(layer_shapes(head_dim, hidden, depth)):
         mats = 5 + (1 if layer > 0 else 0)
         per_chunk += mats * b * n_in * n_out + b * b * (n_in + n_out)
     return 2.0 * heads * per_chunk / b

@@ -14,6 +14,7 @@ import numpy as np
 import jax.numpy as jnp
 
 from kernels.memory import MemoryState
+from kernels.memory.common import layer_shapes
 
 
 def pairwise(factors: dict[str, list[Any]], seed: int = 0, tries: int = 64) -> list[dict[str, Any]]:
@@ -47,10 +48,6 @@ def pairwise(factors: dict[str, list[Any]], seed: int = 0, tries: int = 64) -> l
     return cases
 
 
-def memory_dims(head_dim: int, hidden: int, depth: int) -> list[int]:
-    return [head_dim] + [hidden] * (depth - 1) + [head_dim] if depth > 1 else [head_dim, head_dim]
-
-
 def random_inputs(
     seed: int,
     *,
@@ -69,9 +66,8 @@ def random_inputs(
     The momentum is nonzero so every carried-state term of the chunk form is exercised.
     """
     rng = np.random.default_rng(seed)
-    dims = memory_dims(head_dim, hidden, depth)
     weights = tuple(
-        rng.normal(size=(batch, heads, dims[i], dims[i + 1])) / np.sqrt(dims[i]) for i in range(depth)
+        rng.normal(size=(batch, heads, n_in, n_out)) / np.sqrt(n_in) for n_in, n_out in layer_shapes(head_dim, hidden, depth)
     )
     momentum = tuple(0.05 * rng.normal(size=w.shape) / np.sqrt(w.shape[-2]) for w in weights)
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from kernels.memory import MemoryState, memory_scan
+from kernels.memory.common import layer_shapes
 from kernels.memory.pallas import memory_scan_pallas
 from tests.lowering import lower_for_cuda, triton_calls
 
@@ -17,8 +18,7 @@ F32 = jnp.float32
 
 
 def _specs(batch, seq, heads, dim, hidden, depth, dtype=jnp.bfloat16):
-    dims = [dim] + [hidden] * (depth - 1) + [dim] if depth > 1 else [dim, dim]
-    weights = tuple(jax.ShapeDtypeStruct((batch, heads, dims[i], dims[i + 1]), F32) for i in range(depth))
+    weights = tuple(jax.ShapeDtypeStruct((batch, heads, *shape), F32) for shape in layer_shapes(dim, hidden, depth))
     x = jax.ShapeDtypeStruct((batch, seq, heads, dim), dtype)
     gate = jax.ShapeDtypeStruct((batch, seq, heads), F32)
     return weights, (x, x, x, jax.ShapeDtypeStruct((batch, seq, heads, depth), F32), gate, gate)

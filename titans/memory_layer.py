@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels.memory import IMPLS, MAX_DEPTH, MemoryState, memory_scan
-from kernels.memory.common import ACTIVATIONS, MATMUL_DTYPES
+from kernels.memory.common import ACTIVATIONS, MATMUL_DTYPES, layer_shapes
 from titans.conv import ConvProjection
 from titans.layers import dense, l2_normalize, rms_norm
 from titans.sharding import sharded_init
@@ -123,10 +123,7 @@ class MemoryLayerConfig:
 
     def memory_shapes(self) -> tuple[tuple[int, int], ...]:
         """`(in, out)` of each memory matrix W_1..W_L (one head)."""
-        d, e = self.head_dim, self.hidden_dim
-        if self.depth == 1:
-            return ((d, d),)
-        return ((d, e),) + ((e, e),) * (self.depth - 2) + ((e, d),)
+        return layer_shapes(self.head_dim, self.hidden_dim, self.depth)
 
 
 class MemoryLayerState(NamedTuple):

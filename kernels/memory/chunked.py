@@ -282,6 +282,14 @@ def _chunk_step(carry, xs, config):
 _chunk_step.defvjp(_step_forward, _step_backward)
 
 
+def chunk_count(offset, T: int, b: int) -> int:
+    """Chunks of the grid that a call of T tokens from `offset` touches (a traced offset: room
+    for any offset in [0, b))."""
+    if isinstance(offset, jax.core.Tracer):
+        return -(-(T + b - 1) // b)
+    return -(-(int(offset) + T) // b)
+
+
 def chunk_grid(offset, T: int, b: int, min_chunks: int = 1):
     """Lay a call of T tokens on the global chunk grid (module docstring, "Offsets").
 
@@ -289,14 +297,12 @@ def chunk_grid(offset, T: int, b: int, min_chunks: int = 1):
     with positions outside the call set to `fill`, `in_call [n*b]` bool, `completes [n]` bool
     (the chunk ends inside the call) and `offset` (a Python int where it is concrete).
     """
+    n = max(chunk_count(offset, T, b), min_chunks)
     if not isinstance(offset, jax.core.Tracer):
         offset = int(offset)
-        n = -(-(offset + T) // b)
         left = offset
-    else:  # traced: room for any offset in [0, b)
-        n = -(-(T + b - 1) // b)
+    else:
         left = b - 1
-    n = max(n, min_chunks)
 
     def place(x, fill):
         pad = [(0, 0)] * x.ndim

@@ -49,6 +49,13 @@ class MemoryState(NamedTuple):
         return cls(weights, tuple(momentum), weights, np.zeros((), np.int32))
 
 
+def layer_shapes(head_dim: int, hidden: int, depth: int) -> tuple[tuple[int, int], ...]:
+    """`(in, out)` of each memory matrix W_1..W_L of one head (depth 1: one `[D, D]` matrix)."""
+    if depth == 1:
+        return ((head_dim, head_dim),)
+    return ((head_dim, hidden),) + ((hidden, hidden),) * (depth - 2) + ((hidden, head_dim),)
+
+
 def matmul(a: jax.Array, b: jax.Array, out=None) -> jax.Array:
     """`out`: the result dtype (float32 accumulation of bf16 inputs); default: the inputs'."""
     return jnp.matmul(a, b, precision=PRECISION, preferred_element_type=out)

@@ -13,8 +13,9 @@ runs the backward kernel over the group's chunks in reverse, carrying the state'
 
 Matmuls are float32 in, float32 out (`Precision.HIGHEST`, Triton's "ieee" input precision), the
 same numbers as `chunked` up to summation order; `matmul_dtype="bfloat16"` feeds them bf16 inputs
-(tensor cores) with float32 accumulation and a float32 state, in both impls alike. Triton needs power-of-two tiles of at least 16 for
-its dots, so the chunk size, head dim and hidden width must be powers of two >= 16 on GPU
+(tensor cores) with float32 accumulation and a float32 state, in both impls alike. Triton needs
+power-of-two tiles of at least 16 for its dots, so the chunk size, head dim and hidden width must
+be powers of two >= 16 on GPU
 (`supported` says why a shape is not); interpret mode (CPU) runs any shape.
 """
 
@@ -29,7 +30,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.memory.chunked import Coefficients, chunk_backward, chunk_coefficients, chunk_forward, chunk_grid
+from kernels.memory.chunked import (
+    Coefficients, chunk_backward, chunk_coefficients, chunk_count, chunk_forward, chunk_grid,
+)
 from kernels.memory.common import MemoryState, chunk_ops
 
 # One warp group per program: the chunk loop is sequential, and a program's tiles are small.
@@ -110,8 +113,8 @@ def _backward_kernel(*refs, depth, b, n, config):
             ref[t, :] = x
         for ref, x in zip(theta_bar, thb):
             ref[t] = x
-        for ref, x, per_chunk in zip(coef_bar, cb, (False, False, False, True, True, True, False, False)):
-            if per_chunk:
+        for ref, x in zip(coef_bar, cb):  # per chunk (scalars), per token, or per token x b
+            if x.ndim == 0:
                 ref[i] = x
             elif x.ndim == 2:
                 ref[t, :] = x
@@ -237,7 +240,7 @@ def memory_scan_pallas(
     B, T, H, D = q.shape
     b = chunk_size
     depth = theta.shape[-1]
-    n = chunk_grid(state.offset, T, b)[0]
+    n = chunk_count(state.offset, T, b)
     group = max(1, math.isqrt(n))
     groups = -(-n // group)
     # Whole groups: the extra chunks past the call are padding that passes the state through.
