@@ -119,17 +119,22 @@ def test_runner_streams_whole_prompts_and_scores():
 
 
 def test_needle_rows_are_deterministic_and_answered():
-    mix = pipeline.NeedleMix(0.5, ("passkey", "s-niah-2"), 448, 10, TOK)
+    mix = pipeline.NeedleMix(0.5, ("passkey", "s-niah-2"), 448, 10, TOK, answer_weight=8.0)
     rows = [mix.row(i, HAYSTACK[:1025].copy(), HAYSTACK, (0, 0), batch_size=2) for i in range(40)]
     again = [mix.row(i, HAYSTACK[:1025].copy(), HAYSTACK, (0, 0), batch_size=2) for i in range(40)]
-    assert all(np.array_equal(a, b) for a, b in zip(rows, again))
-    tasks = [(i, r) for i, r in enumerate(rows) if not np.array_equal(r, HAYSTACK[:1025])]
-    assert 10 <= len(tasks) <= 30 and all(r.shape == (1025,) for _, r in tasks)
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(rows, again) for k in ("tokens", "weights"))
+    text_rows = [r for r in rows if np.array_equal(r["tokens"], HAYSTACK[:1025])]
+    assert all(np.array_equal(r["weights"], np.ones(1024)) for r in text_rows)
+    tasks = [(i, r["tokens"], r["weights"]) for i, r in enumerate(rows) if not np.array_equal(r["tokens"], HAYSTACK[:1025])]
+    assert 10 <= len(tasks) <= 30 and all(r.shape == (1025,) and w.shape == (1024,) for _, r, w in tasks)
     lengths = []
-    for i, r in tasks:
+    for i, r, w in tasks:
         text = TOK.decode(r)
         value = re.search(r"(?:is: |The pass key is )(\d+)\.", text).group(1)
         assert text.endswith(f" is {value}.\n")
+        # exactly the answer " value.\n" is weighted (weights[t] is the weight of predicting token t + 1)
+        heavy = len(TOK.encode(f" {value}.\n"))
+        assert np.array_equal(w, np.r_[np.ones(1024 - heavy), np.full(heavy, 8.0)])
         # the curriculum caps a task's length: 448 tokens at step 0, the whole row from step 10
         length = 1025 - text.index("There is an important" if "pass key" in text else "A special magic")
         assert 448 <= length <= 448 + min(1, (i // 2) / 10) * (1025 - 448), (i, length)
@@ -142,6 +147,8 @@ def test_needle_config_is_validated():
         DataConfig(needle_fraction=0.5, needle_tasks="passkey,bogus")
     with pytest.raises(ConfigError, match="needle_fraction"):
         DataConfig(needle_fraction=1.5)
+    with pytest.raises(ConfigError, match="needle_answer_weight must be > 0"):
+        DataConfig(needle_fraction=0.5, needle_answer_weight=0.0)
 
 
 def test_script_smoke_and_errors(tmp_path):

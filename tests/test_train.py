@@ -64,7 +64,9 @@ def test_pipeline_is_deterministic_and_sharded(text_corpus):
     def batches(seed, shard=0, count=1, n=6):
         it = iter(pipeline.train_dataset(tokens, seq_len=16, batch_size=2, seed=seed, shard_index=shard,
                                          shard_count=count))
-        return [next(it) for _ in range(n)]
+        rows = [next(it) for _ in range(n)]
+        assert all(np.array_equal(r["weights"], np.ones((2, 16))) for r in rows)
+        return [r["tokens"] for r in rows]
 
     a, b = batches(0), batches(0)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
@@ -77,6 +79,26 @@ def test_pipeline_is_deterministic_and_sharded(text_corpus):
     train_texts, valid_texts = load_split(DataConfig(corpus=str(text_corpus / "train")), log=print)
     assert sorted(train_texts + valid_texts) == sorted(flat) and len(valid_texts) == 2
     assert not set(train_texts) & set(valid_texts)
+
+
+def test_weighted_loss():
+    """Weights of ones give the plain mean; a one-hot weight gives that token's cross-entropy."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import titans
+    from train.trainer import next_token_loss
+
+    model = titans.TitansLM(titans.load_preset("tiny", variant="swa"), rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 17)), jnp.int32)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(model(tokens[:, :-1])), tokens[:, 1:, None], axis=-1)[..., 0]
+    mean, total = next_token_loss(model, tokens)
+    assert np.isclose(float(mean), float(jnp.mean(nll)), rtol=1e-6) and np.isclose(float(total), float(jnp.sum(nll)))
+    assert np.isclose(float(next_token_loss(model, tokens, jnp.ones((2, 16)))[0]), float(mean), rtol=1e-6)
+    one_hot = jnp.zeros((2, 16)).at[1, 5].set(3.0)
+    assert np.isclose(float(next_token_loss(model, tokens, one_hot)[0]), float(nll[1, 5]), rtol=1e-6)
+    assert float(nll[1, 5]) != pytest.approx(float(mean), rel=1e-3)
 
 
 def test_read_documents_rejects_bad_jsonl(tmp_path):

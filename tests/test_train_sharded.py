@@ -16,21 +16,23 @@ SCRIPT = textwrap.dedent(
 
     assert jax.device_count() == 4, jax.devices()
     cfg = titans.load_preset("tiny", variant="mac")
-    batch = np.random.default_rng(0).integers(0, 256, (4, 33)).astype(np.int32)
+    rng = np.random.default_rng(0)
+    batch = {"tokens": rng.integers(0, 256, (4, 33)).astype(np.int32),
+             "weights": rng.uniform(0.5, 4, (4, 32)).astype(np.float32)}
 
     def run(mesh):
         model = titans.TitansLM(cfg, rngs=nnx.Rngs(0))
         if mesh is not None:
             shard_model(model, mesh)
         opt = nnx.Optimizer(model, make_optimizer(TrainConfig(steps=10, warmup_steps=1))[0], wrt=nnx.Param)
-        x = jnp.asarray(batch) if mesh is None else global_batch(batch, mesh)
+        x = jax.tree.map(jnp.asarray, batch) if mesh is None else global_batch(batch, mesh)
         out = [train_step(model, opt, x) for _ in range(2)]
         return [float(v) for step in out for v in step[:2]], model, x
 
     (l1, m1, _), (l4, m4, x4) = run(None), run(make_mesh(fsdp=2))
     kernel = m4.embed.embedding[...]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp"), kernel.sharding
-    assert x4.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp")), x4.sharding
+    assert x4["tokens"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp")), x4["tokens"].sharding
     # [loss, grad norm] of step 1, then of step 2 (after one AdamW update, whose per-element
     # m / sqrt(v) turns reduction-order noise in near-zero gradients into sign noise: losses only).
     for i, tol in enumerate((1e-6, 1e-5, 1e-5, 1e-5)):

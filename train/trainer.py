@@ -87,25 +87,28 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     ), schedule
 
 
-def next_token_loss(model: TitansLM, batch: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean cross-entropy (nats) of batch `[B, L + 1]` and the count of predicted tokens."""
+def next_token_loss(model: TitansLM, batch: jax.Array, weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy (nats) of batch `[B, L + 1]`: its mean, weighted by `weights` `[B, L]` when given,
+    and its sum."""
     logits = model(batch[:, :-1])
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch[:, 1:, None], axis=-1)[..., 0]
-    return jnp.mean(nll), jnp.sum(nll)
+    loss = jnp.mean(nll) if weights is None else jnp.sum(weights * nll) / jnp.sum(weights)
+    return loss, jnp.sum(nll)
 
 
-def _loss_and_gate_means(model: TitansLM, batch: jax.Array):
+def _loss_and_gate_means(model: TitansLM, batch: dict[str, jax.Array]):
     """The loss and {"theta", "eta", "alpha"}: each gate's mean over the memory calls of the pass
     (empty without memory)."""
-    (loss, _), sown = nnx.capture(next_token_loss, nnx.Intermediate)(model, batch)
+    (loss, _), sown = nnx.capture(next_token_loss, nnx.Intermediate)(model, batch["tokens"], batch["weights"])
     calls = [means for path, var in nnx.to_flat_state(sown) if path[-1] == "gate_means" for means in var.get_value()]
     return loss, {name: jnp.mean(jnp.stack([c[name] for c in calls])) for name in ("theta", "eta", "alpha")
                   } if calls else {}
 
 
 @nnx.jit(donate_argnums=(0, 1))
-def train_step(model: TitansLM, optimizer: nnx.Optimizer, batch: jax.Array):
-    """One optimizer step: (loss, gradient global norm, gate means)."""
+def train_step(model: TitansLM, optimizer: nnx.Optimizer, batch: dict[str, jax.Array]):
+    """One optimizer step on a batch {"tokens", "weights"} (train/data/pipeline.py): (loss, gradient
+    global norm, gate means)."""
     (loss, gate_means), grads = nnx.value_and_grad(_loss_and_gate_means, has_aux=True)(model, batch)
     optimizer.update(model, grads)
     return loss, optax.tree.norm(grads), gate_means
@@ -136,10 +139,10 @@ def shard_model(model: TitansLM, mesh: jax.sharding.Mesh) -> None:
     nnx.update(model, jax.device_put(state, logical_shardings(state, mesh, SHARDING_RULES)))
 
 
-def global_batch(local: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
-    """This process's rows -> one array whose batch axis is split over every device."""
+def global_batch(local, mesh: jax.sharding.Mesh):
+    """This process's rows (a pytree of arrays) -> arrays whose batch axis is split over every device."""
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    return jax.make_array_from_process_local_data(sharding, local)
+    return jax.tree.map(lambda rows: jax.make_array_from_process_local_data(sharding, rows), local)
 
 
 class _Stop:
@@ -271,7 +274,7 @@ def _needle_mix(run: RunConfig, tokenizer) -> pipeline.NeedleMix | None:
         raise TrainError(f"data.needle_min_len={data.needle_min_len} must lie in [{need}, train.seq_len + 1 = "
                          f"{run.train.seq_len + 1}] (the task prompts and answers of {data.needle_tasks} need {need})")
     return pipeline.NeedleMix(data.needle_fraction, data.tasks(), data.needle_min_len, data.needle_curriculum_steps,
-                              tokenizer)
+                              tokenizer, data.needle_answer_weight)
 
 
 def train(run: RunConfig, out: Path, *, steps: int | None = None, log: Callable[[str], None] = print,

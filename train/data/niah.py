@@ -151,9 +151,10 @@ def score(task_name: str, expected: str, answer: str) -> bool:
 
 
 def needle_row(rng: np.random.Generator, row_len: int, min_len: int, max_len: int, tasks: tuple[str, ...],
-               tokenizer, haystack: np.ndarray) -> np.ndarray:
+               tokenizer, haystack: np.ndarray) -> tuple[np.ndarray, int]:
     """A training row of `row_len` tokens: haystack text, then a task prompt of a random length in
-    [min_len, max_len] (answer included) at a random depth, answered (" value.\\n")."""
+    [min_len, max_len] (answer included) at a random depth, answered (" value.\\n"); and the answer's
+    token count (the row's last tokens)."""
     task = tasks[int(rng.integers(len(tasks)))]
     seed = int(rng.integers(2**31))
     expected = _draw(task, np.random.default_rng(seed))[1]  # make_sample draws the same value
@@ -162,4 +163,4 @@ def needle_row(rng: np.random.Generator, row_len: int, min_len: int, max_len: in
     sample = make_sample(task, length, float(rng.random()), seed, tokenizer, haystack)
     start = int(rng.integers(len(haystack)))
     prefix = _cycle(haystack, start, row_len - length - len(answer))
-    return np.concatenate([prefix, sample.tokens, answer])
+    return np.concatenate([prefix, sample.tokens, answer]), len(answer)

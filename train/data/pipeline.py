@@ -6,6 +6,9 @@ into windows of `seq_len + 1` tokens (inputs and shifted targets) at a stride of
 shuffles the windows per epoch with the seed, shards them over processes, batches and prefetches;
 the iterator's state (`get_state` / `set_state`) is saved with every checkpoint, so a resumed run
 sees exactly the batches the uninterrupted one would.
+
+A training batch is {"tokens": [batch, seq_len + 1] int32, "weights": [batch, seq_len] float32}: the
+loss weight of each predicted token (1, or `NeedleMix.answer_weight` on a needle task's answer).
 """
 
 from __future__ import annotations
@@ -39,28 +42,39 @@ class NeedleMix:
     """Replace a `fraction` of the training rows by needle tasks (the retrieval recipe): a task prompt
     of a random length at the end of the row, answered, with training text before it. Its length is
     drawn from [min_len, cap], where cap grows linearly from min_len to the row length over the first
-    `curriculum_steps` steps. Rows are a pure function of (seed, row index), so resume stays exact."""
+    `curriculum_steps` steps. The answer's tokens weigh `answer_weight` in the loss: a row has a few
+    answer tokens among hundreds of haystack tokens, so at weight 1 retrieval is a sliver of the
+    gradient. Rows are a pure function of (seed, row index), so resume stays exact."""
 
     fraction: float
     tasks: tuple[str, ...]
     min_len: int
     curriculum_steps: int
     tokenizer: ByteTokenizer
+    answer_weight: float = 1.0
 
     def row(self, index: int, window: np.ndarray, haystack: np.ndarray, seed: tuple[int, ...],
-            batch_size: int) -> np.ndarray:
+            batch_size: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([*seed, index])
         if rng.random() >= self.fraction:
-            return window
+            return text_row(window)
         progress = min(1.0, (index // batch_size) / self.curriculum_steps) if self.curriculum_steps else 1.0
         cap = int(self.min_len + progress * (len(window) - self.min_len))
-        return niah.needle_row(rng, len(window), self.min_len, cap, self.tasks, self.tokenizer, haystack)
+        tokens, answer = niah.needle_row(rng, len(window), self.min_len, cap, self.tasks, self.tokenizer, haystack)
+        row = text_row(tokens)
+        row["weights"][-answer:] = self.answer_weight
+        return row
+
+
+def text_row(window: np.ndarray) -> dict[str, np.ndarray]:
+    """A training row whose every predicted token weighs 1."""
+    return {"tokens": window, "weights": np.ones(len(window) - 1, np.float32)}
 
 
 def train_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, shard_index: int = 0,
                   shard_count: int = 1, prefetch: int = 4, needles: NeedleMix | None = None) -> grain.IterDataset:
-    """Endless batches `[batch_size, seq_len + 1]` of shuffled windows (reshuffled every epoch),
-    this process's shard of them; `needles` mixes in the needle tasks."""
+    """Endless batches of shuffled windows (reshuffled every epoch; {"tokens", "weights"}, see the
+    module docstring), this process's shard of them; `needles` mixes in the needle tasks."""
     count = (len(tokens) - 1) // seq_len
     order = grain.MapDataset.range(count).shuffle(seed=seed)[shard_index::shard_count]
     if len(order) < batch_size:
@@ -70,6 +84,8 @@ def train_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: in
     if needles is not None:
         row_seed = (seed, shard_index)
         ds = ds.map_with_index(lambda index, window: needles.row(index, window, tokens, row_seed, batch_size))
+    else:
+        ds = ds.map(text_row)
     ds = ds.batch(batch_size, drop_remainder=True)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
 
