@@ -24,20 +24,10 @@ import math
 import statistics
 import sys
 
-from benchlib import (add_child_args, child_main, list_args, machine_line, progress, repeat, run_in_child,
-                      scan_flops_per_token, write_section)
+from benchlib import (BF16_PEAK_TFLOPS, SM_COUNT, add_child_args, child_main, device_kind, list_args, lookup,
+                      machine_line, max_rel_err, progress, repeat, run_in_child, scan_flops_per_token, write_section)
 
 SECTION = "bench_kernels"
-# Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's datasheets, by jax device_kind prefix.
-BF16_PEAK_TFLOPS = {
-    "NVIDIA H100 80GB HBM3": 989.4,  # SXM
-    "NVIDIA H100 PCIe": 756.0,
-    "NVIDIA H100 NVL": 835.0,
-    "NVIDIA H200": 989.4,
-    "NVIDIA A100": 312.0,
-}
-# SM counts, for the batch that fills the GPU; 132 (H100 SXM) where the kind is unknown.
-SM_COUNT = {"NVIDIA H100 80GB HBM3": 132, "NVIDIA H100 PCIe": 114, "NVIDIA H100 NVL": 132, "NVIDIA H200": 132, "NVIDIA A100": 108}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,20 +70,10 @@ class BenchConfig:
         ]
 
 
-def _device_kind() -> str:
-    import jax
-
-    return jax.devices()[0].device_kind
-
-
-def _lookup(table: dict, kind: str):
-    return next((v for k, v in table.items() if kind.startswith(k)), None)
-
-
 def _batch(cfg: BenchConfig, heads: int) -> int:
     if cfg.batch:
         return cfg.batch
-    return math.ceil(2 * (_lookup(SM_COUNT, _device_kind()) or 132) / heads)
+    return math.ceil(2 * (lookup(SM_COUNT, device_kind()) or 132) / heads)
 
 
 def _inputs(case: dict, batch: int, cfg: BenchConfig):
@@ -166,7 +146,6 @@ def _fla_step(case: dict, batch: int):
 def run_case(case: dict, cfg: BenchConfig) -> dict:
     """One case, in this (child) process."""
     import jax
-    import numpy as np
 
     heads, dim = map(int, case["heads"].split("x"))
     batch = _batch(cfg, heads)
@@ -181,12 +160,7 @@ def run_case(case: dict, cfg: BenchConfig) -> dict:
             run = lambda: jax.block_until_ready(compiled(weights, *args))
             err = None
             if case["impl"] != "chunked":
-                got, want = jax.tree.leaves(run()), jax.tree.leaves(step("chunked")(weights, *args))
-                err = max(
-                    float(np.max(np.abs(np.asarray(g, np.float64) - np.asarray(w, np.float64))))
-                    / max(1.0, float(np.max(np.abs(np.asarray(w, np.float64)))))
-                    for g, w in zip(got, want)
-                )
+                err = max_rel_err(run(), step("chunked")(weights, *args))
         first, times = repeat(run, cfg.iters, cfg.budget_s)
     except ImportError as e:
         return dict(case, batch=batch, status=f"not installed ({e.name})")
@@ -222,8 +196,8 @@ def table(rows: list[dict], peak: float | None) -> str:
 
 
 def main(cfg: BenchConfig) -> list[dict]:
-    kind = _device_kind()
-    peak = _lookup(BF16_PEAK_TFLOPS, kind)
+    kind = device_kind()
+    peak = lookup(BF16_PEAK_TFLOPS, kind)
     rows = [run_in_child(__file__, case, dataclasses.asdict(cfg)) for case in progress(cfg.cases(), "bench_kernels")]
     argv = " ".join(sys.argv[1:])
     text = (

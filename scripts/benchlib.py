@@ -19,6 +19,41 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 
 
+# Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's datasheets, by jax device_kind prefix.
+BF16_PEAK_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.4,  # SXM
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H200": 989.4,
+    "NVIDIA A100": 312.0,
+}
+# SM counts, for a batch that fills the GPU; 132 (H100 SXM) where the kind is unknown.
+SM_COUNT = {"NVIDIA H100 80GB HBM3": 132, "NVIDIA H100 PCIe": 114, "NVIDIA H100 NVL": 132, "NVIDIA H200": 132, "NVIDIA A100": 108}
+
+
+def device_kind() -> str:
+    import jax
+
+    return jax.devices()[0].device_kind
+
+
+def lookup(table: dict, kind: str):
+    """The entry of `table` whose key prefixes the device kind, or None."""
+    return next((v for k, v in table.items() if kind.startswith(k)), None)
+
+
+def max_rel_err(got, want) -> float:
+    """max |got - want| / max(1, max |want|) over the leaves of two pytrees, in float64."""
+    import jax
+    import numpy as np
+
+    return max(
+        float(np.max(np.abs(np.asarray(g, np.float64) - np.asarray(w, np.float64))))
+        / max(1.0, float(np.max(np.abs(np.asarray(w, np.float64)))))
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+    )
+
+
 def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()

@@ -1,6 +1,7 @@
-"""Sliding-window attention against a plain masked softmax (numpy, float64, a full T x T mask), with
-persistent slots, a streaming cache and negative positions; RoPE's precision at 2M tokens; and the
-blockwise pass never builds a T x T array."""
+"""Sliding-window attention, every impl (the dense reference, blockwise XLA, the Pallas flash kernel
+in interpret mode) against a plain masked softmax (numpy, float64, a full T x T mask), with
+persistent slots, a streaming cache and negative positions; gradients of blockwise and pallas
+against the reference; RoPE's precision at 2M tokens; the blockwise pass never builds a T x T array."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from titans.attention import apply_rope, rope_angles, sliding_window_attention
+from kernels.attention import sliding_window_attention
+from kernels.attention.blockwise import sliding_window_attention_blockwise
+from titans.attention import apply_rope, rope_angles
+
+IMPLS = ("reference", "blockwise", "pallas")
 
 
 def softmax_reference(q, k, v, q_pos, k_pos, window, persistent):
@@ -53,9 +58,10 @@ def draw(length, prefix, n_persistent, heads=2, dim=8, seed=0):
         (6, 8, 8, 3),     # one block: the dense path
     ],
 )
-def test_fresh_sequence_matches_masked_softmax(length, window, block, n_persistent):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fresh_sequence_matches_masked_softmax(length, window, block, n_persistent, impl):
     q, k, v, persistent = draw(length, 0, n_persistent)
-    got = sliding_window_attention(q, k, v, window=window, start=0, persistent=persistent, block=block)
+    got = sliding_window_attention(q, k, v, window=window, start=0, persistent=persistent, block=block, impl=impl)
     pos = np.arange(length)
     want = softmax_reference(q, k, v, pos, pos, window, persistent)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=0)
@@ -63,12 +69,13 @@ def test_fresh_sequence_matches_masked_softmax(length, window, block, n_persiste
 
 @pytest.mark.parametrize("length, block", [(1, 8), (5, 8), (29, 8)])
 @pytest.mark.parametrize("start", [0, 4, 50])
-def test_with_cache_matches_masked_softmax(length, block, start):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_with_cache_matches_masked_softmax(length, block, start, impl):
     """Keys = a window-1 cache (partly at negative positions when start < window-1) + the piece."""
     window = 12
     q, k, v, persistent = draw(length, window - 1, 3, seed=start + length)
     got = jax.jit(lambda q, k, v, s: sliding_window_attention(q, k, v, window=window, start=s,
-                                                              persistent=persistent, block=block))(
+                                                              persistent=persistent, block=block, impl=impl))(
         q, k, v, jnp.int32(start))
     q_pos = start + np.arange(length)
     k_pos = start - (window - 1) + np.arange(window - 1 + length)
@@ -76,37 +83,65 @@ def test_with_cache_matches_masked_softmax(length, block, start):
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=0)
 
 
-def test_gradients_match_masked_softmax():
-    q, k, v, persistent = draw(21, 0, 2)
+@pytest.mark.parametrize("impl", ["blockwise", "pallas"])
+@pytest.mark.parametrize("prefix, start", [(0, 0), (6, 3), (6, 40)])
+def test_gradients_match_reference(impl, prefix, start):
+    """Gradients of q, k (cache included), v and both slot arrays, against autodiff of the dense reference."""
+    q, k, v, persistent = draw(21, prefix, 2, seed=prefix + start)
     window, block = 7, 4
     w = jax.random.normal(jax.random.key(9), q.shape)
 
-    def loss(fn):
-        return lambda q, k, v, pk, pv: jnp.sum(w * fn(q, k, v, (pk, pv)))
+    def loss(impl):
+        return lambda q, k, v, pk, pv: jnp.sum(w * sliding_window_attention(
+            q, k, v, window=window, start=start, persistent=(pk, pv), block=block, impl=impl))
 
-    def dense(q, k, v, persistent):
-        pos = jnp.arange(q.shape[1])
-        visible = (pos[None] <= pos[:, None]) & (pos[None] > pos[:, None] - window)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-        slots = jnp.einsum("bqhd,nhd->bhqn", q, persistent[0]) / np.sqrt(q.shape[-1])
-        probs = jax.nn.softmax(jnp.concatenate([slots, jnp.where(visible, logits, -jnp.inf)], -1), -1)
-        return (jnp.einsum("bhqn,nhd->bqhd", probs[..., :2], persistent[1])
-                + jnp.einsum("bhqk,bkhd->bqhd", probs[..., 2:], v))
-
-    blockwise = lambda q, k, v, p: sliding_window_attention(q, k, v, window=window, start=0, persistent=p, block=block)
     args = (q, k, v) + persistent
-    got = jax.grad(loss(blockwise), argnums=range(5))(*args)
-    want = jax.grad(loss(dense), argnums=range(5))(*args)
+    got = jax.grad(loss(impl), argnums=range(5))(*args)
+    want = jax.grad(loss("reference"), argnums=range(5))(*args)
     for g, r in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5 * float(np.max(np.abs(r))), rtol=0)
+
+
+def test_bad_shapes_and_impls_fail_in_one_line():
+    q, k, v, _ = draw(5, 0, None)
+    with pytest.raises(ValueError, match="keys hold 12 tokens before the queries, expected 0 .. window - 1 = 7"):
+        sliding_window_attention(q, jnp.pad(k, ((0, 0), (12, 0), (0, 0), (0, 0))), jnp.pad(v, ((0, 0), (12, 0), (0, 0), (0, 0))),
+                                 window=8, start=0)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        sliding_window_attention(q, k, v, window=8, start=0, impl="cudnn")
+    with pytest.raises(ValueError, match="impl='pallas'\\) cannot compile this shape: head_dim is 8"):
+        sliding_window_attention(q, k, v, window=8, start=0, impl="pallas", interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled Pallas kernel needs a GPU")
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+def test_compiled_pallas_matches_blockwise_on_gpu(dtype, tol):
+    """At a Triton-sized shape after a full cache, values and gradients of the compiled kernel against
+    the blockwise XLA path (bf16: both round the probabilities to bf16 before the value product)."""
+    q, k, v, persistent = draw(300, 127, 16, heads=4, dim=64, seed=5)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    w = jax.random.normal(jax.random.key(9), q.shape)
+
+    def loss(impl):
+        return lambda q, k, v, pk, pv: jnp.sum(w * sliding_window_attention(
+            q, k, v, window=128, start=1000, persistent=(pk, pv), block=64, impl=impl).astype(jnp.float32))
+
+    args = (q, k, v) + persistent
+    for impl_args in ((), tuple(range(5))):
+        get = (lambda impl: jax.jit(loss(impl))(*args)) if not impl_args else (
+            lambda impl: jax.jit(jax.grad(loss(impl), argnums=impl_args))(*args))
+        for g, r in zip(jax.tree.leaves(get("pallas")), jax.tree.leaves(get("blockwise"))):
+            g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+            np.testing.assert_allclose(g, r, atol=tol * float(np.max(np.abs(r))), rtol=0)
 
 
 def test_no_quadratic_intermediate():
     """Every array the blockwise pass (and its gradient) builds is O(T * (window + block)), not T x T."""
     length, window, block, heads, dim = 1024, 32, 16, 1, 4
     q, k, v, persistent = draw(length, 0, 2, heads=heads, dim=dim)
-    fn = lambda q, k, v: jnp.sum(sliding_window_attention(q, k, v, window=window, start=0,
-                                                          persistent=persistent, block=block))
+    fn = lambda q, k, v: jnp.sum(sliding_window_attention_blockwise(q, k, v, window=window, start=0,
+                                                                    persistent=persistent, block=block))
     jaxpr = jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2)))(q, k, v)
 
     def sizes(jaxpr):

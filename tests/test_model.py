@@ -116,6 +116,24 @@ def test_gradients_reach_every_parameter(variant):
             assert part in joined, part
 
 
+@pytest.mark.parametrize("variant", ["swa", "mag"])
+def test_pallas_attention_equals_blockwise_in_the_model(variant):
+    """model.attn_impl='pallas' (interpret mode on CPU; blocks of 8 over 64 tokens, window 16) gives
+    the blockwise model's logits and parameter gradients."""
+    toks = tokens()
+
+    def logits_and_grads(impl):
+        model, params, forward = build(variant, attn_impl=impl, attn_block=8)
+        graph = nnx.graphdef(model)
+        loss = lambda p: jnp.mean(nnx.merge(graph, p)(toks) ** 2)
+        return forward(params, toks), jax.grad(loss)(params)
+
+    (want, want_grads), (got, got_grads) = logits_and_grads("blockwise"), logits_and_grads("pallas")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * scale(want))
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-4 * scale(w) + 1e-9)
+
+
 def test_mac_matches_plain_segment_oracle():
     """MAC written straight from spec section 4, one segment at a time with a float64 masked
     softmax over [persistent | h | x]; the mixer's fused segment steps must agree."""

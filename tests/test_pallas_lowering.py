@@ -1,5 +1,6 @@
-"""The Pallas memory kernels lower for NVIDIA GPUs (Triton) at the paper's shapes, forward and
-backward, on a CPU-only machine; a shape Triton cannot tile fails here rather than on a GPU."""
+"""The Pallas kernels (memory scan, sliding-window attention) lower for NVIDIA GPUs (Triton) at the
+paper's shapes, forward and backward, on a CPU-only machine; a shape Triton cannot tile fails here
+rather than on a GPU."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from kernels.attention import sliding_window_attention
+from kernels.attention.pallas import sliding_window_attention_pallas
 from kernels.memory import MemoryState, memory_scan
 from kernels.memory.common import layer_shapes
 from kernels.memory.pallas import memory_scan_pallas
@@ -77,3 +80,26 @@ def test_lowering_check_catches_a_tile_triton_cannot_run():
 
     with pytest.raises(ValueError, match="power of 2"):
         lower_for_cuda(forward, weights, q, k, v, theta, eta, alpha, mask)
+    # the same for the attention kernel's tiles (the api refuses block 24 before lowering)
+    x = jax.ShapeDtypeStruct((1, 48, 2, 64), F32)
+    with pytest.raises(ValueError, match="power of 2"):
+        lower_for_cuda(functools.partial(sliding_window_attention_pallas, window=32, start=0, block=24), x, x, x)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, F32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("heads, dim, prefix, block", [(16, 64, 0, 64), (8, 128, 511, 128)])
+def test_sliding_window_attention_lowers_for_cuda(heads, dim, prefix, block, dtype):
+    """Window 512 with 16 slots over 1000 queries (ragged last block), fresh or after a full cache:
+    the forward is one kernel, the gradient adds the dq and dk/dv kernels."""
+    q = jax.ShapeDtypeStruct((2, 1000, heads, dim), dtype)
+    k = jax.ShapeDtypeStruct((2, prefix + 1000, heads, dim), dtype)
+    slots = jax.ShapeDtypeStruct((16, heads, dim), F32)
+    start = jax.ShapeDtypeStruct((), jnp.int32)
+
+    def attention(q, k, v, k_p, v_p, start, block=block):
+        return sliding_window_attention(q, k, v, window=512, start=start, persistent=(k_p, v_p), block=block,
+                                        impl="pallas", interpret=False)
+
+    assert triton_calls(lower_for_cuda(attention, q, k, k, slots, slots, start)) == 1
+    grad = jax.grad(lambda *a: jnp.sum(attention(*a).astype(F32) ** 2), argnums=tuple(range(5)))
+    assert triton_calls(lower_for_cuda(grad, q, k, k, slots, slots, start)) == 3

@@ -1,15 +1,13 @@
 """Causal sliding-window attention with RoPE and persistent memory slots (spec section 4).
 
 The query at absolute position `p` sees the keys at `p - window + 1 .. p` (itself included) and
-all `N_p` persistent key/value slots of its layer (learned, no RoPE). `sliding_window_attention`
-computes that blockwise: queries in blocks of `block`, each block against the `ceil((w-1)/block) + 1`
-key blocks that can hold its window, so time and memory are O(T * (w + block)), never T x T.
+all `N_p` persistent key/value slots of its layer (learned, no RoPE), computed by
+`kernels.attention.sliding_window_attention` (blockwise XLA, or the Pallas flash kernel on GPU).
 Streaming carries the last `w - 1` keys/values (`AttentionCache`), a fixed size.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -17,11 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels.attention import sliding_window_attention
 from titans.layers import dense
 from titans.sharding import sharded_init
 
-# Masked logits: finite, so a row whose keys are all masked (padding) gives no NaN.
-_MASKED = -1e30
 # RoPE angles are taken as (p // _ROPE_SPLIT) * (_ROPE_SPLIT * f mod 2 pi) + (p % _ROPE_SPLIT) * f:
 # in float32, p * f at p ~ 2M has an absolute error of ~0.1 rad; the split keeps it ~1e-3 rad.
 _ROPE_SPLIT = 4096
@@ -52,66 +49,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     cos, sin = cos[:, None, :], sin[:, None, :]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
-           persistent: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-    """Softmax attention of q `[..., Q, H, D]` over k, v `[..., K, H, D]` where `valid [..., Q, K]`,
-    plus persistent slots `(k_p, v_p)` `[N, H, D]` that every query sees. Logits and softmax in float32."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    f32 = jnp.float32
-    logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=f32) * scale
-    logits = jnp.where(valid[..., None, :, :], logits, _MASKED)
-    if persistent is not None and persistent[0].shape[0]:
-        k_p, v_p = (p.astype(q.dtype) for p in persistent)
-        slots = jnp.einsum("...qhd,nhd->...hqn", q, k_p, preferred_element_type=f32) * scale
-        probs = jax.nn.softmax(jnp.concatenate([slots, logits], axis=-1), axis=-1).astype(v.dtype)
-        n = slots.shape[-1]
-        return (jnp.einsum("...hqn,nhd->...qhd", probs[..., :n], v_p, preferred_element_type=f32)
-                + jnp.einsum("...hqk,...khd->...qhd", probs[..., n:], v, preferred_element_type=f32)).astype(q.dtype)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("...hqk,...khd->...qhd", probs, v, preferred_element_type=f32).astype(q.dtype)
-
-
-def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int, start,
-                             persistent: tuple[jax.Array, jax.Array] | None = None,
-                             block: int = 128) -> jax.Array:
-    """Causal sliding-window attention, blockwise.
-
-    q: `[batch, P, heads, dim]`, the queries at absolute positions `start .. start + P - 1`.
-    k, v: `[batch, S + P, heads, dim]`: the keys of the `S <= window - 1` tokens before q's first
-    (a streaming cache; `S = 0` at a sequence start), then q's own. Keys at negative absolute
-    positions (an unfilled cache) are masked. `start` may be traced. Returns `[batch, P, heads, dim]`.
-    """
-    batch, length, heads, dim = q.shape
-    prefix = k.shape[1] - length
-    if not 0 <= prefix <= window - 1:
-        raise ValueError(f"keys hold {prefix} tokens before the queries, expected 0 .. window - 1 = {window - 1}")
-    if length <= block:
-        # One block: every query against every key (decode and short pieces).
-        rel = jnp.arange(prefix + length)[None, :] - (prefix + jnp.arange(length))[:, None]
-        valid = (rel <= 0) & (rel > -window) & ((start - prefix + jnp.arange(prefix + length)) >= 0)[None, :]
-        return attend(q, k, v, valid, persistent)
-
-    n_blocks = -(-length // block)
-    lookback = -(-(window - 1) // block)  # key blocks before a query block that its window can reach
-    lead = lookback * block - prefix
-    pad = ((0, 0), (lead, n_blocks * block - length), (0, 0), (0, 0))
-    k_blocks = jnp.pad(k, pad).reshape(batch, lookback + n_blocks, block, heads, dim)
-    v_blocks = jnp.pad(v, pad).reshape(batch, lookback + n_blocks, block, heads, dim)
-    # Query block b sees key blocks b .. b + lookback of the padded keys: [batch, n_blocks, (lookback+1)*block, ...].
-    window_of = lambda blocks: jnp.concatenate([blocks[:, j : j + n_blocks] for j in range(lookback + 1)], axis=2)
-    q_blocks = jnp.pad(q, ((0, 0), (0, n_blocks * block - length), (0, 0), (0, 0)))
-    q_blocks = q_blocks.reshape(batch, n_blocks, block, heads, dim)
-
-    # Padded index of query (b, r) is lookback*block + b*block + r, of key (b, s) is b*block + s.
-    r = jnp.arange(block)[:, None]
-    s = jnp.arange((lookback + 1) * block)[None, :]
-    rel = s - lookback * block - r
-    key_pos = start - lookback * block + (jnp.arange(n_blocks) * block)[:, None, None] + s[None]
-    valid = ((rel <= 0) & (rel > -window))[None] & (key_pos >= 0)
-    out = attend(q_blocks, window_of(k_blocks), window_of(v_blocks), valid, persistent)
-    return out.reshape(batch, n_blocks * block, heads, dim)[:, :length]
 
 
 def persistent_slots(n: int, heads: int, dim: int, param_dtype, rngs: nnx.Rngs) -> tuple[nnx.Param, nnx.Param]:
@@ -163,7 +100,7 @@ class SlidingWindowAttention(nnx.Module):
         keys, values = (k, v) if fresh else (full_k, full_v)
         out = sliding_window_attention(q, keys, values, window=cfg.window, start=start,
                                        persistent=(self.persistent_k[...], self.persistent_v[...]),
-                                       block=cfg.attn_block)
+                                       block=cfg.attn_block, impl=cfg.attn_impl)
         keep = full_k.shape[1] - (cfg.window - 1)
         new_cache = AttentionCache(full_k[:, keep:], full_v[:, keep:])
         return out.reshape(batch, length, cfg.attn_width), new_cache

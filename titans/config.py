@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 import yaml
 
+from kernels.attention import IMPLS as ATTENTION_IMPLS
 from titans.memory_layer import MemoryLayerConfig
 
 SECTIONS = ("model", "train", "data")
@@ -99,7 +100,9 @@ class ModelConfig:
     previous segments). `ffn_dim=None` is 8/3 d_model rounded up to a multiple of 64;
     `attn_head_dim=None` is d_model / attn_heads. `dtype` is the compute dtype (bfloat16 on
     accelerators); parameters and the memory state stay in `param_dtype` (float32).
-    `attn_block` is the query block of the blockwise sliding-window attention (a speed knob only).
+    `attn_block` is the query (and key) tile of the sliding-window attention and `attn_impl` its
+    implementation (`kernels.attention.sliding_window_attention`: auto, blockwise, pallas,
+    reference); both are speed knobs only.
     """
 
     variant: str = "mac"
@@ -115,6 +118,7 @@ class ModelConfig:
     n_persistent: int = 16
     rope_base: float = 10000.0
     attn_block: int = 128
+    attn_impl: str = "auto"
     # memory (spec sections 1-3); defaults are MemoryLayerConfig's, stated once there
     mem_heads: int = 4
     mem_head_dim: int = 64
@@ -147,6 +151,8 @@ class ModelConfig:
         for name in ("ffn_dim", "attn_head_dim"):
             if getattr(self, name) is not None:
                 check_positive(self, "model", name)
+        if self.attn_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"model.attn_impl must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attn_impl!r}")
         if self.n_persistent < 0:
             raise ConfigError(f"model.n_persistent must be >= 0, got {self.n_persistent}")
         if self.rope_base <= 1:

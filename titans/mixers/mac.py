@@ -32,7 +32,8 @@ import numpy as np
 from flax import nnx
 
 from kernels.memory.common import memory_apply
-from titans.attention import apply_rope, attend, persistent_slots, rope_angles
+from kernels.attention.blockwise import attend
+from titans.attention import apply_rope, persistent_slots, rope_angles
 from titans.conv import ConvProjection
 from titans.layers import RMSNorm, dense, l2_normalize
 from titans.memory_layer import MemoryLayerState, NeuralMemory

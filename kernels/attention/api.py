@@ -1,0 +1,61 @@
+"""`sliding_window_attention`: the one public entry point of the attention op (spec section 4)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+
+from kernels.attention.blockwise import sliding_window_attention_blockwise
+from kernels.attention.pallas import sliding_window_attention_pallas, supported
+from kernels.attention.reference import sliding_window_attention_reference
+
+Impl = Literal["reference", "blockwise", "pallas", "auto"]
+IMPLS = ("reference", "blockwise", "pallas", "auto")
+
+
+def _resolve(impl: str, interpret: bool | None, head_dim: int, length: int, block: int) -> tuple[str, bool]:
+    """(impl, interpret). `auto` -> the Pallas kernel on GPU for shapes it compiles and pieces longer
+    than one block (a decode step or short piece is one dense XLA block already), else `blockwise`."""
+    interpret = jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+    why_not = supported(head_dim, block)
+    if impl == "auto":
+        return ("pallas" if jax.default_backend() == "gpu" and why_not is None and length > block else "blockwise"), False
+    if impl == "pallas" and not interpret and why_not is not None:
+        raise ValueError(f"sliding_window_attention(impl='pallas') cannot compile this shape: {why_not}; "
+                         "use impl='blockwise' or 'auto'")
+    return impl, interpret
+
+
+def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int, start,
+                             persistent: tuple[jax.Array, jax.Array] | None = None, block: int = 128,
+                             impl: Impl = "auto", interpret: bool | None = None) -> jax.Array:
+    """Causal sliding-window attention with persistent slots.
+
+    q: `[batch, P, heads, dim]`, the queries at absolute positions `start .. start + P - 1`.
+    k, v: `[batch, S + P, heads, dim]`: the keys of the `S <= window - 1` tokens before q's first
+    (a streaming cache; `S = 0` at a sequence start), then q's own. Query i sees key j when
+    `0 <= (S + i) - j < window` and key j's position `start - S + j` is >= 0, plus every
+    persistent slot `(k_p, v_p)` `[N, heads, dim]`. `start` may be traced. Returns `[batch, P, heads, dim]`.
+
+    impl: "blockwise" (XLA, O(T * (window + block))), "pallas" (flash kernel, Triton on GPU;
+    interpret mode on CPU), "reference" (dense T x (S + T) mask, the oracle) or "auto" (pallas on
+    GPU where `pallas.supported` and P > block, else blockwise). block: the query (and, in
+    pallas, key) tile.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if q.ndim != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"q must be [batch, P, heads, dim] and k, v [batch, S + P, heads, dim], got {q.shape}, "
+                         f"{k.shape}, {v.shape}")
+    prefix = k.shape[1] - q.shape[1]
+    if not 0 <= prefix <= window - 1:
+        raise ValueError(f"keys hold {prefix} tokens before the queries, expected 0 .. window - 1 = {window - 1}")
+    impl, interpret = _resolve(impl, interpret, q.shape[-1], q.shape[1], block)
+    fn = {
+        "reference": sliding_window_attention_reference,
+        "blockwise": functools.partial(sliding_window_attention_blockwise, block=block),
+        "pallas": functools.partial(sliding_window_attention_pallas, block=block, interpret=interpret),
+    }[impl]
+    return fn(q, k, v, window=window, start=start, persistent=persistent)

@@ -1,0 +1,180 @@
+"""GPU benchmark of sliding-window attention: `blockwise` (XLA) vs the `pallas` flash kernel, forward
+and forward+backward, with cuDNN's windowed attention (no persistent slots) as a yardstick.
+
+    python scripts/bench_attention.py              # the grid below on the visible GPU
+    python scripts/bench_attention.py --write      # ... written to BENCHMARKS.md
+    python scripts/bench_attention.py --smoke      # tiny shapes, Pallas interpreted: runs on CPU
+
+Attention alone (no projections, no RoPE), bf16 inputs, 16 persistent slots, width 1024 as 16 heads
+x 64 and 8 x 128, windows 512 and 2048, 8K and 64K tokens, `batch x tokens` = 128K per step.
+`cudnn` is `jax.nn.dot_product_attention(implementation="cudnn", local_window_size=...)`
+without the slots (it cannot merge them: no log-sum-exp), so it does slightly less work. The
+loss for forward+backward is sum(o^2), gradients w.r.t. q, k, v (and the slots). Each case runs
+in its own process and checks its output against `blockwise` on the same inputs. FLOPs are
+analytic: 4 T w d per head forward (the two products over a full window; the first window's
+triangle and the slots are not counted), 2.5x that backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+
+from benchlib import (BF16_PEAK_TFLOPS, add_child_args, child_main, device_kind, list_args, lookup, machine_line,
+                      max_rel_err, progress, repeat, run_in_child, write_section)
+
+SECTION = "bench_attention"
+IMPLS = ("blockwise", "pallas", "cudnn")
+SLOTS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    heads: tuple[str, ...] = ("16x64", "8x128")  # "<heads>x<head_dim>"
+    windows: tuple[int, ...] = (512, 2048)
+    seq_lens: tuple[int, ...] = (8192, 65536)
+    impls: tuple[str, ...] = IMPLS
+    modes: tuple[str, ...] = ("fwd", "fwdbwd")
+    block: int = 128
+    tokens_per_step: int = 131072
+    interpret: bool = False
+    iters: int = 5
+    budget_s: float = 30.0
+    write: bool = False
+
+    def __post_init__(self):
+        for h in self.heads:
+            n, _, d = h.partition("x")
+            if not (n.isdigit() and d.isdigit()):
+                raise ValueError(f"--heads entry {h!r} must be <heads>x<head_dim>, e.g. 16x64")
+        for name, allowed in (("impls", IMPLS), ("modes", ("fwd", "fwdbwd"))):
+            bad = set(getattr(self, name)) - set(allowed)
+            if bad:
+                raise ValueError(f"--{name} has unknown entries {sorted(bad)}; choose from {allowed}")
+        if any(x < 2 for x in self.windows + self.seq_lens) or self.block < 1:
+            raise ValueError("--windows and --seq-lens must be >= 2 and --block >= 1")
+
+    def cases(self) -> list[dict]:
+        return [dict(heads=h, window=w, seq=t, mode=mode, impl=impl)
+                for h in self.heads for w in self.windows for t in self.seq_lens for mode in self.modes
+                for impl in self.impls]
+
+
+def _step(case: dict, cfg: BenchConfig, impl: str):
+    import jax
+    import jax.numpy as jnp
+
+    from kernels.attention import sliding_window_attention
+
+    window = case["window"]
+
+    def forward(q, k, v, k_p, v_p):
+        if impl == "cudnn":
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(window - 1, 0),
+                                                implementation="cudnn")
+        return sliding_window_attention(q, k, v, window=window, start=0, persistent=(k_p, v_p), block=cfg.block,
+                                        impl=impl, interpret=cfg.interpret if impl == "pallas" else None)
+
+    if case["mode"] == "fwd":
+        return jax.jit(forward)
+    loss = lambda *a: jnp.sum(jnp.square(forward(*a).astype(jnp.float32)))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+
+def run_case(case: dict, cfg: BenchConfig) -> dict:
+    """One case, in this (child) process."""
+    import jax
+    import jax.numpy as jnp
+
+    heads, dim = map(int, case["heads"].split("x"))
+    batch = max(1, cfg.tokens_per_step // case["seq"])
+    keys = jax.random.split(jax.random.key(0), 5)
+    shape = (batch, case["seq"], heads, dim)
+    args = [jax.random.normal(key, shape, jnp.bfloat16) for key in keys[:3]]
+    args += [jax.random.normal(key, (SLOTS, heads, dim), jnp.float32) for key in keys[3:]]
+    try:
+        compiled = _step(case, cfg, case["impl"]).lower(*args).compile()
+        run = lambda: jax.block_until_ready(compiled(*args))
+        got = run()
+        err = None if case["impl"] == "blockwise" else max_rel_err(
+            jax.tree.leaves(got)[:3], jax.tree.leaves(_step(case, cfg, "blockwise")(*args))[:3])
+        first, times = repeat(run, cfg.iters, cfg.budget_s)
+    except Exception as e:  # noqa: BLE001 - a case that cannot run is reported, not fatal
+        return dict(case, batch=batch, status=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    median = statistics.median(times)
+    tokens = batch * case["seq"]
+    flops = 4.0 * tokens * min(case["window"], case["seq"]) * dim * heads * (3.5 if case["mode"] == "fwdbwd" else 1)
+    return dict(case, batch=batch, status="ok", first_call_s=round(first, 3), median_s=round(median, 5),
+                tokens_per_s=round(tokens / median, 1), tflops=round(flops / median / 1e12, 3),
+                max_rel_err=None if err is None else float(f"{err:.2e}"))
+
+
+def table(rows: list[dict], peak: float | None) -> str:
+    head = ("| heads x d_h | window | tokens | batch | mode | impl | tokens/s | TFLOP/s | % bf16 peak | vs blockwise "
+            "| max rel err vs blockwise |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    key_of = lambda r: (r["heads"], r["window"], r["seq"], r["mode"])
+    base = {key_of(r): r["tokens_per_s"] for r in rows if r["impl"] == "blockwise" and r.get("status") == "ok"}
+    for r in rows:
+        cells = [r["heads"], r["window"], r["seq"], r.get("batch", ""), r["mode"], r["impl"]]
+        if r.get("status") != "ok":
+            lines.append("| " + " | ".join(map(str, cells)) + f" | {r['status']} | | | | |")
+            continue
+        pct = f"{100 * r['tflops'] / peak:.1f}%" if peak else "n/a"
+        ratio = f"{r['tokens_per_s'] / base[key_of(r)]:.2f}x" if key_of(r) in base else ""
+        err = "" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"
+        cells += [f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.2f}", pct, ratio, err]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def main(cfg: BenchConfig) -> list[dict]:
+    kind = device_kind()
+    peak = lookup(BF16_PEAK_TFLOPS, kind)
+    rows = [run_in_child(__file__, case, dataclasses.asdict(cfg)) for case in progress(cfg.cases(), SECTION)]
+    text = (
+        f"Command: `python scripts/bench_attention.py {' '.join(sys.argv[1:])}`  \n"
+        f"{machine_line()}; device: {kind}{f' (dense bf16 peak {peak} TFLOP/s)' if peak else ''}"
+        f"{'; Pallas interpreted' if cfg.interpret else ''}  \n"
+        f"Sliding-window attention only, bf16 inputs, {SLOTS} persistent slots (not in cudnn), block {cfg.block}; "
+        "forward+backward = gradients of sum(o^2); FLOPs analytic (4 T w d per head, 3.5x with backward).\n\n"
+        + table(rows, peak)
+    )
+    print(text)
+    if cfg.write:
+        write_section(text, SECTION)
+    return rows
+
+
+SMOKE = dict(heads=("2x16",), windows=(24,), seq_lens=(64,), impls=("blockwise", "pallas"), block=16,
+             tokens_per_step=64, interpret=True, iters=1)
+
+
+def parse_args(argv=None) -> BenchConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes with Pallas interpreted (CPU)")
+    p.add_argument("--heads", help="comma-separated <heads>x<head_dim>, e.g. 16x64,8x128")
+    p.add_argument("--windows", help="comma-separated window lengths, e.g. 512,2048")
+    p.add_argument("--seq-lens", help="comma-separated token counts, e.g. 8192,65536")
+    p.add_argument("--impls", help=f"comma-separated: {','.join(IMPLS)}")
+    p.add_argument("--modes", help="comma-separated: fwd,fwdbwd")
+    p.add_argument("--block", type=int, help="query/key tile (default 128)")
+    p.add_argument("--iters", type=int)
+    p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
+    add_child_args(p)
+    args = p.parse_args(argv)
+    kw = dict(SMOKE) if args.smoke else {}
+    kw.update(list_args(args, ("heads", "impls", "modes")), **list_args(args, ("windows", "seq_lens"), int))
+    kw.update({k: getattr(args, k) for k in ("block", "iters") if getattr(args, k) is not None})
+    return BenchConfig(write=args.write, **kw)
+
+
+if __name__ == "__main__":
+    try:
+        config = parse_args()
+    except ValueError as e:
+        sys.exit(f"bench_attention: {e}")
+    if not child_main(sys.argv, run_case, BenchConfig):
+        main(config)
