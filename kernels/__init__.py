@@ -1,1 +1,1 @@
-"""Compute kernels of titans-jax: each op has a plain reference, a chunked JAX form and (later) Pallas."""
+"""Compute kernels of titans-jax: each op (memory, attention) has a plain reference, an XLA fast path and Pallas kernels behind one `impl=` switch."""
