@@ -6,10 +6,12 @@ import functools
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 
 from kernels.attention.blockwise import sliding_window_attention_blockwise
 from kernels.attention.pallas import sliding_window_attention_pallas, supported
 from kernels.attention.reference import sliding_window_attention_reference
+from kernels.sharding import over_batch
 
 Impl = Literal["reference", "blockwise", "pallas", "auto"]
 IMPLS = ("reference", "blockwise", "pallas", "auto")
@@ -53,9 +55,13 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window
     if not 0 <= prefix <= window - 1:
         raise ValueError(f"keys hold {prefix} tokens before the queries, expected 0 .. window - 1 = {window - 1}")
     impl, interpret = _resolve(impl, interpret, q.shape[-1], q.shape[1], block)
+    if impl == "pallas":
+        fn = functools.partial(sliding_window_attention_pallas, window=window, block=block, interpret=interpret)
+        kernel = lambda q, k, v, start, persistent: fn(q, k, v, start=start, persistent=persistent)
+        return over_batch(kernel, (q, k, v, jnp.asarray(start, jnp.int32), persistent),
+                          (True, True, True, False, False))
     fn = {
         "reference": sliding_window_attention_reference,
         "blockwise": functools.partial(sliding_window_attention_blockwise, block=block),
-        "pallas": functools.partial(sliding_window_attention_pallas, block=block, interpret=interpret),
     }[impl]
     return fn(q, k, v, window=window, start=start, persistent=persistent)

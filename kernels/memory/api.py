@@ -13,6 +13,7 @@ from kernels.memory.chunked import memory_scan_chunked
 from kernels.memory.common import ACTIVATIONS, MATMUL_DTYPES, MemoryState
 from kernels.memory.pallas import memory_scan_pallas, supported
 from kernels.memory.reference import memory_scan_reference
+from kernels.sharding import over_batch
 
 Impl = Literal["reference", "chunked", "pallas", "auto"]
 IMPLS = ("reference", "chunked", "pallas", "auto")
@@ -182,9 +183,9 @@ def memory_scan(
         fn = functools.partial(memory_scan_chunked, matmul_dtype=matmul_dtype)
     else:
         fn = memory_scan_reference
-    y, new_state = fn(
-        state, *map(cast, (q, k, v, theta, eta, alpha)), mask,
-        chunk_size=int(chunk_size), activation=activation, residual_norm=residual_norm,
-        read_before_write=read_before_write,
-    )
+    fn = functools.partial(fn, chunk_size=int(chunk_size), activation=activation, residual_norm=residual_norm,
+                           read_before_write=read_before_write)
+    args = (state, *map(cast, (q, k, v, theta, eta, alpha)), mask)
+    # Every argument leads with the batch axis (the state's offset is a scalar, replicated).
+    y, new_state = over_batch(fn, args, (True,) * len(args)) if impl == "pallas" else fn(*args)
     return y.astype(q.dtype), new_state
