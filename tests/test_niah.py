@@ -142,11 +142,26 @@ def test_needle_rows_are_deterministic_and_answered():
     assert max(lengths) > 900
 
 
+def test_recall_rows_are_mixed_in_and_weighted():
+    mix = pipeline.NeedleMix(0.25, ("passkey",), 448, 0, TOK, answer_weight=5.0, recall_fraction=0.5, recall_max_gap=40)
+    rows = [mix.row(i, HAYSTACK[:513].copy(), HAYSTACK, (0, 1), batch_size=2) for i in range(60)]
+    recall = [r for r in rows if TOK.decode(r["tokens"][:8]).isdigit()]
+    assert 18 <= len(recall) <= 42
+    for r in recall:
+        tokens, weights = r["tokens"], r["weights"]
+        heavy = np.flatnonzero(weights == 5.0) + 1  # the tokens whose prediction is weighted
+        assert len(heavy) >= 8 and all(chr(tokens[t]).isdigit() for t in heavy)
+        assert np.array_equal(tokens[heavy[:8]], tokens[:8])  # the first episode's key, recalled
+        assert np.all(weights[weights != 5.0] == 1.0)
+
+
 def test_needle_config_is_validated():
     with pytest.raises(ConfigError, match="unknown task 'bogus'"):
         DataConfig(needle_fraction=0.5, needle_tasks="passkey,bogus")
     with pytest.raises(ConfigError, match="needle_fraction"):
         DataConfig(needle_fraction=1.5)
+    with pytest.raises(ConfigError, match="recall_fraction must be in"):
+        DataConfig(needle_fraction=0.7, recall_fraction=0.5)
     with pytest.raises(ConfigError, match="needle_answer_weight must be > 0"):
         DataConfig(needle_fraction=0.5, needle_answer_weight=0.0)
 

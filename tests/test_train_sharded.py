@@ -8,6 +8,7 @@ import textwrap
 
 SCRIPT = textwrap.dedent(
     """
+    import contextlib
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     import titans
@@ -26,7 +27,8 @@ SCRIPT = textwrap.dedent(
             shard_model(model, mesh)
         opt = nnx.Optimizer(model, make_optimizer(TrainConfig(steps=10, warmup_steps=1))[0], wrt=nnx.Param)
         x = jax.tree.map(jnp.asarray, batch) if mesh is None else global_batch(batch, mesh)
-        out = [train_step(model, opt, x) for _ in range(2)]
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():  # as the trainer does
+            out = [train_step(model, opt, x) for _ in range(2)]
         return [float(v) for step in out for v in step[:2]], model, x
 
     (l1, m1, _), (l4, m4, x4) = run(None), run(make_mesh(fsdp=2))

@@ -61,12 +61,16 @@ class DataConfig:
     # The retrieval recipe (train/data/pipeline.py NeedleMix): this fraction of the training rows
     # end in a needle task of `needle_tasks` (comma list), min_len..row length tokens long, the
     # longest length reached after `needle_curriculum_steps`; the answer's tokens weigh
-    # `needle_answer_weight` in the loss (every other token 1).
+    # `needle_answer_weight` in the loss (every other token 1). Another `recall_fraction` of the
+    # rows are dense recall episodes (niah.recall_row) with fillers of up to `recall_max_gap`
+    # tokens, their recalled digits weighted like answers.
     needle_fraction: float = 0.0
     needle_tasks: str = "passkey,s-niah-1,s-niah-2"
     needle_min_len: int = 512
     needle_curriculum_steps: int = 0
     needle_answer_weight: float = 1.0
+    recall_fraction: float = 0.0
+    recall_max_gap: int = 0
 
     def __post_init__(self):
         check_field_types(self, "data")
@@ -75,6 +79,9 @@ class DataConfig:
         if not 0 <= self.needle_fraction <= 1 or self.needle_curriculum_steps < 0:
             raise ConfigError(f"data.needle_fraction must be in [0, 1] and data.needle_curriculum_steps >= 0, got "
                               f"{self.needle_fraction}, {self.needle_curriculum_steps}")
+        if not 0 <= self.recall_fraction <= 1 - self.needle_fraction or self.recall_max_gap < 0:
+            raise ConfigError(f"data.recall_fraction must be in [0, 1 - data.needle_fraction] and data.recall_max_gap "
+                              f">= 0, got {self.recall_fraction}, {self.recall_max_gap}")
         if not self.needle_answer_weight > 0:
             raise ConfigError(f"data.needle_answer_weight must be > 0, got {self.needle_answer_weight}")
         unknown = [t for t in self.tasks() if t not in TASKS]

@@ -26,7 +26,6 @@ from typing import Callable
 import grain
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -267,14 +266,14 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 def _needle_mix(run: RunConfig, tokenizer) -> pipeline.NeedleMix | None:
     data = run.data
-    if not data.needle_fraction:
+    if not data.needle_fraction and not data.recall_fraction:
         return None
     need = max(niah.fixed_size(t, tokenizer) for t in data.tasks()) + niah.MAX_NEW_TOKENS["uuid"]
-    if not need <= data.needle_min_len <= run.train.seq_len + 1:
+    if data.needle_fraction and not need <= data.needle_min_len <= run.train.seq_len + 1:
         raise TrainError(f"data.needle_min_len={data.needle_min_len} must lie in [{need}, train.seq_len + 1 = "
                          f"{run.train.seq_len + 1}] (the task prompts and answers of {data.needle_tasks} need {need})")
     return pipeline.NeedleMix(data.needle_fraction, data.tasks(), data.needle_min_len, data.needle_curriculum_steps,
-                              tokenizer, data.needle_answer_weight)
+                              tokenizer, data.needle_answer_weight, data.recall_fraction, data.recall_max_gap)
 
 
 def train(run: RunConfig, out: Path, *, steps: int | None = None, log: Callable[[str], None] = print,
@@ -346,7 +345,8 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, needles, log, progr
     with _Stop() as stop:
         try:
             for step in range(start + 1, steps + 1):
-                loss, grad_norm, gate_means = train_step(model, optimizer, global_batch(next(iterator), mesh))
+                with jax.set_mesh(mesh):  # the Pallas kernels map themselves over the batch under it
+                    loss, grad_norm, gate_means = train_step(model, optimizer, global_batch(next(iterator), mesh))
                 logging = step % cfg.log_every == 0 or step == steps
                 evaluating = step % cfg.eval_every == 0 or step == steps
                 saving = step % cfg.checkpoint_every == 0 or step == steps or stop.signal is not None
@@ -369,7 +369,8 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, needles, log, progr
                 if bar is not None:
                     bar.update(1)
                 if evaluating:
-                    result = evaluate(model, valid_batches, tokenizer)
+                    with jax.set_mesh(mesh):
+                        result = evaluate(model, valid_batches, tokenizer)
                     record({"step": step, **result})
                     last.update(result)
                     if step not in best.all_steps():  # a resumed run may evaluate a step again

@@ -14,7 +14,7 @@ model's greedy continuation is scored against the needle's value.
 held-out text given (Austen by default, whitespace-normalised and repeated as RULER repeats its
 essays) starting at a seeded offset. Keys are "adjective-noun" pairs from the short lists below.
 The same builder makes the training rows of the retrieval recipe (`needle_row`), with training
-text as the haystack.
+text as the haystack; `recall_row` makes its dense copy rows.
 """
 
 from __future__ import annotations
@@ -164,3 +164,24 @@ def needle_row(rng: np.random.Generator, row_len: int, min_len: int, max_len: in
     start = int(rng.integers(len(haystack)))
     prefix = _cycle(haystack, start, row_len - length - len(answer))
     return np.concatenate([prefix, sample.tokens, answer]), len(answer)
+
+
+RECALL_KEY_LEN = 8
+
+
+def recall_row(rng: np.random.Generator, row_len: int, min_gap: int, max_gap: int) -> tuple[np.ndarray, np.ndarray]:
+    """A dense recall row: episodes `KEY<filler> = KEY. ` back to back, KEY 8 random digits, the
+    filler `min_gap..max_gap` tokens of the passkey noise. Returns tokens `[row_len]` int32 (bytes)
+    and a mask `[row_len]`: True where the token is a recalled digit (the second KEY). Recall is
+    the skill every needle task needs, here with 8 recalled tokens per episode instead of a few
+    per row."""
+    noise = np.frombuffer(NOISE.encode() * (max_gap // len(NOISE) + 2), np.uint8)
+    parts, marks, size = [], [], 0
+    while size < row_len:
+        key = rng.integers(ord("0"), ord("9") + 1, RECALL_KEY_LEN).astype(np.uint8)
+        start, gap = int(rng.integers(len(NOISE))), int(rng.integers(min_gap, max_gap + 1))
+        head = np.concatenate([key, noise[start : start + gap], np.frombuffer(b" = ", np.uint8)])
+        parts += [head, key, np.frombuffer(b". ", np.uint8)]
+        marks += [np.zeros(len(head), bool), np.ones(RECALL_KEY_LEN, bool), np.zeros(2, bool)]
+        size += len(head) + RECALL_KEY_LEN + 2
+    return np.concatenate(parts)[:row_len].astype(np.int32), np.concatenate(marks)[:row_len]
