@@ -144,6 +144,10 @@ def test_needle_rows_are_deterministic_and_answered():
 
 def test_recall_rows_are_mixed_in_and_weighted():
     mix = pipeline.NeedleMix(0.25, ("passkey",), 448, 0, TOK, answer_weight=5.0, recall_fraction=0.5, recall_max_gap=40)
+    # the gap curriculum: at step 0 of 10 every filler is empty, the recall right after its key
+    early = pipeline.NeedleMix(0.0, ("passkey",), 448, 10, TOK, recall_fraction=1.0, recall_max_gap=40)
+    first = early.row(0, HAYSTACK[:513].copy(), HAYSTACK, (0, 1), batch_size=2)["tokens"]
+    assert TOK.decode(first[:8]) == TOK.decode(first[11:19]) and TOK.decode(first[8:11]) == " = "
     rows = [mix.row(i, HAYSTACK[:513].copy(), HAYSTACK, (0, 1), batch_size=2) for i in range(60)]
     recall = [r for r in rows if TOK.decode(r["tokens"][:8]).isdigit()]
     assert 18 <= len(recall) <= 42

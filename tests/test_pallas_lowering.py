@@ -87,12 +87,13 @@ def test_lowering_check_catches_a_tile_triton_cannot_run():
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, F32], ids=["bf16", "f32"])
-@pytest.mark.parametrize("heads, dim, prefix, block", [(16, 64, 0, 64), (8, 128, 511, 128)])
-def test_sliding_window_attention_lowers_for_cuda(heads, dim, prefix, block, dtype):
-    """Window 512 with 16 slots over 1000 queries (ragged last block), fresh or after a full cache:
-    the forward is one kernel, the gradient adds the dq and dk/dv kernels."""
-    q = jax.ShapeDtypeStruct((2, 1000, heads, dim), dtype)
-    k = jax.ShapeDtypeStruct((2, prefix + 1000, heads, dim), dtype)
+@pytest.mark.parametrize("heads, dim, prefix, block, length", [(16, 64, 0, 64, 1000), (8, 128, 511, 128, 700)])
+def test_sliding_window_attention_lowers_for_cuda(heads, dim, prefix, block, length, dtype):
+    """Window 512 with 16 slots, ragged last blocks (700 queries pad to 6 blocks of 128: rows that
+    are not a power of two), fresh or after a full cache: the forward is one kernel, the gradient
+    adds the dq and dk/dv kernels."""
+    q = jax.ShapeDtypeStruct((2, length, heads, dim), dtype)
+    k = jax.ShapeDtypeStruct((2, prefix + length, heads, dim), dtype)
     slots = jax.ShapeDtypeStruct((16, heads, dim), F32)
     start = jax.ShapeDtypeStruct((), jnp.int32)
 

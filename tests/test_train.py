@@ -221,7 +221,9 @@ def test_export_load_generate(text_corpus, tmp_path):
     from train.trainer import load_trained_model
 
     run_dir = tmp_path / "run"
-    train(load_run_config("tiny", overrides(text_corpus)), run_dir, steps=3, progress=False, log=lambda s: None)
+    # half the rows dense recall episodes: the trainer's weighted path end to end
+    recall = ["data.recall_fraction=0.5", "data.recall_max_gap=4"]
+    train(load_run_config("tiny", overrides(text_corpus) + recall), run_dir, steps=3, progress=False, log=lambda s: None)
     trained, run = load_trained_model(run_dir)
     tokens = jax.random.randint(jax.random.key(0), (2, 40), 0, 256)
     want = np.asarray(trained(tokens))

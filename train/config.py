@@ -62,8 +62,8 @@ class DataConfig:
     # end in a needle task of `needle_tasks` (comma list), min_len..row length tokens long, the
     # longest length reached after `needle_curriculum_steps`; the answer's tokens weigh
     # `needle_answer_weight` in the loss (every other token 1). Another `recall_fraction` of the
-    # rows are dense recall episodes (niah.recall_row) with fillers of up to `recall_max_gap`
-    # tokens, their recalled digits weighted like answers.
+    # rows are dense recall episodes (niah.recall_row), their recalled digits weighted like
+    # answers, with fillers of up to `recall_max_gap` tokens once the curriculum is done.
     needle_fraction: float = 0.0
     needle_tasks: str = "passkey,s-niah-1,s-niah-2"
     needle_min_len: int = 512

@@ -44,9 +44,11 @@ class NeedleMix:
     drawn from [min_len, cap], where cap grows linearly from min_len to the row length over the first
     `curriculum_steps` steps. The answer's tokens weigh `answer_weight` in the loss: a row has a few
     answer tokens among hundreds of haystack tokens, so at weight 1 retrieval is a sliver of the
-    gradient. Another `recall_fraction` of the rows are dense recall episodes (`niah.recall_row`,
-    fillers of 0..`recall_max_gap` tokens), their recalled tokens weighted the same. Rows are a
-    pure function of (seed, row index), so resume stays exact."""
+    gradient. Another `recall_fraction` of the rows are dense recall episodes (`niah.recall_row`),
+    their recalled tokens weighted the same; their longest filler grows from 0 to `recall_max_gap`
+    tokens over the same curriculum, since recall over long gaps is not learned from scratch (a
+    model first learns it at short gaps, where episodes are dense). Rows are a pure function of
+    (seed, row index), so resume stays exact."""
 
     fraction: float
     tasks: tuple[str, ...]
@@ -63,12 +65,12 @@ class NeedleMix:
         draw = rng.random()
         if draw >= self.fraction + self.recall_fraction:
             return text_row(window)
+        progress = min(1.0, (index // batch_size) / self.curriculum_steps) if self.curriculum_steps else 1.0
         if draw >= self.fraction:
-            tokens, recalled = niah.recall_row(rng, len(window), 0, self.recall_max_gap)
+            tokens, recalled = niah.recall_row(rng, len(window), 0, int(progress * self.recall_max_gap))
             row = text_row(tokens)
             row["weights"][recalled[1:]] = self.answer_weight
             return row
-        progress = min(1.0, (index // batch_size) / self.curriculum_steps) if self.curriculum_steps else 1.0
         cap = int(self.min_len + progress * (len(window) - self.min_len))
         tokens, answer = niah.needle_row(rng, len(window), self.min_len, cap, self.tasks, self.tokenizer, haystack)
         row = text_row(tokens)
