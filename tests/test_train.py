@@ -246,6 +246,26 @@ def test_export_load_generate(text_corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("the memory") and "tokens/s" in proc.stderr
 
+    # train.init_from: a run folder or an exported model seeds a new run (step 1's learning rate is
+    # 0 in the warmup, so its weights are exactly the source's); another model config is refused
+    # before the new run folder exists.
+    from flax import nnx
+
+    for source in (run_dir, tmp_path / "f32"):
+        seeded = tmp_path / f"seeded-{source.name}"
+        train(load_run_config("tiny", overrides(text_corpus) + [f"train.init_from={source}"]), seeded, steps=1,
+              progress=False, log=lambda s: None)
+        got = nnx.to_flat_state(nnx.state(load_trained_model(seeded)[0], nnx.Param))
+        want = dict(nnx.to_flat_state(nnx.state(trained, nnx.Param)))
+        assert all(np.array_equal(np.asarray(v[...]), np.asarray(want[k][...])) for k, v in got)
+    other = load_run_config("tiny", overrides(text_corpus) + ["model.variant=swa", f"train.init_from={run_dir}"])
+    with pytest.raises(TrainError, match=r"has another model config \(model.variant: 'mac' there, 'swa' here\)"):
+        train(other, tmp_path / "never", steps=1, progress=False, log=lambda s: None)
+    with pytest.raises(TrainError, match="is neither a run folder"):
+        train(load_run_config("tiny", overrides(text_corpus) + [f"train.init_from={tmp_path}"]), tmp_path / "never",
+              steps=1, progress=False, log=lambda s: None)
+    assert not (tmp_path / "never").exists()
+
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_corpus, tmp_path):
     out = tmp_path / "run"

@@ -38,6 +38,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     sample_tokens: int = 200
     sample_prompt: str = "The "
+    # Start from these weights instead of a random init (a later stage of a curriculum, or a
+    # fine-tune): a run folder of scripts/train.py (its latest checkpoint) or an exported model
+    # folder, with the same model config. The optimizer and data stream start fresh.
+    init_from: str = ""
     fsdp: int = 1  # devices on the mesh's "fsdp" axis (parameters sharded); the rest is the "data" axis
 
     def __post_init__(self):

@@ -288,11 +288,12 @@ def train(run: RunConfig, out: Path, *, steps: int | None = None, log: Callable[
         raise TrainError(f"model.vocab_size={run.model.vocab_size} is smaller than the {tokenizer.name} tokenizer's "
                          f"{tokenizer.vocab_size}: raise model.vocab_size")
     needles = _needle_mix(run, tokenizer)
+    init = _init_weights(run) if cfg.init_from else None  # checked before the run folder is touched
     with _claim_run_dir(out, run):
-        return _train(run, out, steps, tokenizer, needles, log, progress)
+        return _train(run, out, steps, tokenizer, needles, init, log, progress)
 
 
-def _train(run: RunConfig, out: Path, steps: int, tokenizer, needles, log, progress) -> dict:
+def _train(run: RunConfig, out: Path, steps: int, tokenizer, needles, init, log, progress) -> dict:
     cfg = run.train
     train_texts, valid_texts = load_split(run.data, log)
     train_tokens = pipeline.pack(train_texts, tokenizer, seed=cfg.seed)
@@ -318,6 +319,10 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, needles, log, progr
     best = ocp.CheckpointManager((out / "best").absolute(), options=ocp.CheckpointManagerOptions(
         max_to_keep=1, best_fn=lambda m: m["valid_loss"], best_mode="min", create=True))
     start, rng = _restore_latest(manager, model, optimizer, iterator, rng, log)
+    if not start and init is not None:
+        nnx.update(model, init)
+        shard_model(model, mesh)
+        log(f"initialised from {cfg.init_from}")
 
     from tensorboardX import SummaryWriter
 
@@ -402,6 +407,22 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, needles, log, progr
         new = generate(model, prompt, cfg.sample_tokens, key, temperature=0.8, top_p=0.95)
         summary["sample"] = cfg.sample_prompt + tokenizer.decode(new[0])
     return summary
+
+
+def _init_weights(run: RunConfig) -> nnx.State:
+    """The weights named by train.init_from: a run folder's latest checkpoint or an exported model."""
+    source = run.train.init_from
+    path = Path(source).expanduser()
+    if not ((path / RUN_FILE).is_file() or (path / "config.json").is_file()):
+        raise TrainError(f"train.init_from={source} is neither a run folder ({RUN_FILE}) nor an exported model "
+                         "(config.json): pass the --out of scripts/train.py or of scripts/export.py")
+    source_model, _ = load_model(**{"checkpoint" if (path / RUN_FILE).is_file() else "model_dir": path})
+    mine, theirs = run.model.to_dict(), source_model.config.to_dict()
+    diff = [k for k in mine if mine[k] != theirs.get(k)]
+    if diff:
+        raise TrainError(f"train.init_from={source} has another model config (model.{diff[0]}: {theirs.get(diff[0])!r} "
+                         f"there, {mine[diff[0]]!r} here): initialise from a model of this config")
+    return nnx.state(source_model)
 
 
 def load_trained_model(run_dir: str | Path, which: str = "latest") -> tuple[TitansLM, RunConfig]:
