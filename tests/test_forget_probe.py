@@ -1,0 +1,42 @@
+"""scripts/forget_probe.py: the shift lands on every memory layer's forget-gate bias and changes
+the gate; a model without memory and a missing run fail in one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import titans
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import forget_probe  # noqa: E402
+
+
+def test_shift_moves_every_forget_gate():
+    model = titans.TitansLM(titans.load_preset("tiny", variant="mag"), rngs=nnx.Rngs(0))
+    memories = [block.mixer.memory for block in model.blocks]  # mag holds the NeuralMemory itself
+    before = [np.asarray(m.b_alpha[...]) for m in memories]
+    x = jnp.ones((1, 3, model.config.d_model))
+    alpha = lambda m: float(jnp.mean(m.gates(x)[2]))
+    gates = [alpha(m) for m in memories]
+    forget_probe.shifted(model, -3.0)
+    for m, b, g in zip(memories, before, gates):
+        np.testing.assert_allclose(np.asarray(m.b_alpha[...]), b - 3.0, rtol=1e-6)
+        assert alpha(m) < 0.1 * g
+    with pytest.raises(ValueError, match="a swa model has no memory to probe"):
+        forget_probe.shifted(titans.TitansLM(titans.load_preset("tiny", variant="swa"), rngs=nnx.Rngs(0)), 1.0)
+
+
+def test_missing_run_fails_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "forget_probe.py"), "--checkpoint", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("forget_probe: ") and "is not a run folder" in proc.stderr
