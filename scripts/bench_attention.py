@@ -22,8 +22,8 @@ import dataclasses
 import statistics
 import sys
 
-from benchlib import (BF16_PEAK_TFLOPS, add_child_args, child_main, device_kind, list_args, lookup, machine_line,
-                      max_rel_err, progress, repeat, run_in_child, write_section)
+from benchlib import (BF16_PEAK_TFLOPS, add_child_args, check_lists, child_main, device_kind, gpu_header, list_args,
+                      lookup, max_rel_err, progress, repeat, run_in_child, speed_table, write_section)
 
 SECTION = "bench_attention"
 IMPLS = ("blockwise", "pallas", "cudnn")
@@ -45,14 +45,7 @@ class BenchConfig:
     write: bool = False
 
     def __post_init__(self):
-        for h in self.heads:
-            n, _, d = h.partition("x")
-            if not (n.isdigit() and d.isdigit()):
-                raise ValueError(f"--heads entry {h!r} must be <heads>x<head_dim>, e.g. 16x64")
-        for name, allowed in (("impls", IMPLS), ("modes", ("fwd", "fwdbwd"))):
-            bad = set(getattr(self, name)) - set(allowed)
-            if bad:
-                raise ValueError(f"--{name} has unknown entries {sorted(bad)}; choose from {allowed}")
+        check_lists(self, {"impls": IMPLS, "modes": ("fwd", "fwdbwd")})
         if any(x < 2 for x in self.windows + self.seq_lens) or self.block < 1:
             raise ValueError("--windows and --seq-lens must be >= 2 and --block >= 1")
 
@@ -114,20 +107,8 @@ def run_case(case: dict, cfg: BenchConfig) -> dict:
 def table(rows: list[dict], peak: float | None) -> str:
     head = ("| heads x d_h | window | tokens | batch | mode | impl | tokens/s | TFLOP/s | % bf16 peak | vs blockwise "
             "| max rel err vs blockwise |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    key_of = lambda r: (r["heads"], r["window"], r["seq"], r["mode"])
-    base = {key_of(r): r["tokens_per_s"] for r in rows if r["impl"] == "blockwise" and r.get("status") == "ok"}
-    for r in rows:
-        cells = [r["heads"], r["window"], r["seq"], r.get("batch", ""), r["mode"], r["impl"]]
-        if r.get("status") != "ok":
-            lines.append("| " + " | ".join(map(str, cells)) + f" | {r['status']} | | | | |")
-            continue
-        pct = f"{100 * r['tflops'] / peak:.1f}%" if peak else "n/a"
-        ratio = f"{r['tokens_per_s'] / base[key_of(r)]:.2f}x" if key_of(r) in base else ""
-        err = "" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"
-        cells += [f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.2f}", pct, ratio, err]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines)
+    return speed_table(head, rows, peak, "blockwise", ("heads", "window", "seq", "mode"),
+                       ("heads", "window", "seq", "batch", "mode", "impl"))
 
 
 def main(cfg: BenchConfig) -> list[dict]:
@@ -135,10 +116,8 @@ def main(cfg: BenchConfig) -> list[dict]:
     peak = lookup(BF16_PEAK_TFLOPS, kind)
     rows = [run_in_child(__file__, case, dataclasses.asdict(cfg)) for case in progress(cfg.cases(), SECTION)]
     text = (
-        f"Command: `python scripts/bench_attention.py {' '.join(sys.argv[1:])}`  \n"
-        f"{machine_line()}; device: {kind}{f' (dense bf16 peak {peak} TFLOP/s)' if peak else ''}"
-        f"{'; Pallas interpreted' if cfg.interpret else ''}  \n"
-        f"Sliding-window attention only, bf16 inputs, {SLOTS} persistent slots (not in cudnn), block {cfg.block}; "
+        gpu_header("bench_attention.py", kind, peak, cfg.interpret)
+        + f"Sliding-window attention only, bf16 inputs, {SLOTS} persistent slots (not in cudnn), block {cfg.block}; "
         "forward+backward = gradients of sum(o^2); FLOPs analytic (4 T w d per head, 3.5x with backward).\n\n"
         + table(rows, peak)
     )

@@ -24,8 +24,9 @@ import math
 import statistics
 import sys
 
-from benchlib import (BF16_PEAK_TFLOPS, SM_COUNT, add_child_args, child_main, device_kind, list_args, lookup,
-                      machine_line, max_rel_err, progress, repeat, run_in_child, scan_flops_per_token, write_section)
+from benchlib import (BF16_PEAK_TFLOPS, SM_COUNT, add_child_args, check_lists, child_main, device_kind, gpu_header,
+                      list_args, lookup, max_rel_err, progress, repeat, run_in_child, scan_flops_per_token,
+                      speed_table, write_section)
 
 SECTION = "bench_kernels"
 
@@ -47,16 +48,8 @@ class BenchConfig:
     write: bool = False
 
     def __post_init__(self):
-        for h in self.heads:
-            n, _, d = h.partition("x")
-            if not (n.isdigit() and d.isdigit()):
-                raise ValueError(f"--heads entry {h!r} must be <heads>x<head_dim>, e.g. 16x64")
-        choices = (("impls", ("chunked", "pallas", "fla")), ("modes", ("fwd", "fwdbwd")),
-                   ("matmul_dtypes", ("float32", "bfloat16")))
-        for name, allowed in choices:
-            bad = set(getattr(self, name)) - set(allowed)
-            if bad:
-                raise ValueError(f"--{name} has unknown entries {sorted(bad)}; choose from {allowed}")
+        check_lists(self, {"impls": ("chunked", "pallas", "fla"), "modes": ("fwd", "fwdbwd"),
+                           "matmul_dtypes": ("float32", "bfloat16")})
         if any(x < 1 for x in self.chunks + self.seq_lens + self.depths) or self.batch < 0:
             raise ValueError("--chunks, --seq-lens, --depths must be positive and --batch >= 0")
 
@@ -178,34 +171,17 @@ def run_case(case: dict, cfg: BenchConfig) -> dict:
 def table(rows: list[dict], peak: float | None) -> str:
     head = ("| depth | heads x d_h | chunk | tokens | batch | mode | matmuls | impl | tokens/s | TFLOP/s | % bf16 peak "
             "| vs chunked | max rel err vs chunked |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    key_of = lambda r: (r["depth"], r["heads"], r["chunk"], r["seq"], r["mode"], r["matmul"])
-    base = {key_of(r): r["tokens_per_s"] for r in rows if r["impl"] == "chunked" and r.get("status") == "ok"}
-    for r in rows:
-        key = key_of(r)
-        cells = [r["depth"], r["heads"], r["chunk"], r["seq"], r.get("batch", ""), r["mode"], r["matmul"], r["impl"]]
-        if r.get("status") != "ok":
-            lines.append("| " + " | ".join(map(str, cells)) + f" | {r['status']} | | | | |")
-            continue
-        pct = f"{100 * r['tflops'] / peak:.1f}%" if peak else "n/a"
-        ratio = f"{r['tokens_per_s'] / base[key]:.2f}x" if key in base else ""
-        err = "" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"
-        cells += [f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.2f}", pct, ratio, err]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines)
+    return speed_table(head, rows, peak, "chunked", ("depth", "heads", "chunk", "seq", "mode", "matmul"),
+                       ("depth", "heads", "chunk", "seq", "batch", "mode", "matmul", "impl"))
 
 
 def main(cfg: BenchConfig) -> list[dict]:
     kind = device_kind()
     peak = lookup(BF16_PEAK_TFLOPS, kind)
     rows = [run_in_child(__file__, case, dataclasses.asdict(cfg)) for case in progress(cfg.cases(), "bench_kernels")]
-    argv = " ".join(sys.argv[1:])
     text = (
-        f"Command: `python scripts/bench_kernels.py {argv}`  \n"
-        f"{machine_line()}; device: {kind}"
-        f"{f' (dense bf16 peak {peak} TFLOP/s)' if peak else ''}"
-        f"{'; Pallas interpreted' if cfg.interpret else ''}  \n"
-        f"Memory scan only, expansion {cfg.expansion}, bf16 inputs, float32 state; matmuls float32 or bf16 "
+        gpu_header("bench_kernels.py", kind, peak, cfg.interpret)
+        + f"Memory scan only, expansion {cfg.expansion}, bf16 inputs, float32 state; matmuls float32 or bf16 "
         "inputs with float32 accumulation (`matmul_dtype`); "
         "forward+backward = gradients of sum(y^2) w.r.t. state and inputs; FLOPs analytic (3x forward).\n\n"
         + table(rows, peak)

@@ -54,6 +54,47 @@ def max_rel_err(got, want) -> float:
     )
 
 
+def check_lists(cfg, choices: dict[str, tuple[str, ...]]) -> None:
+    """One-line errors for a kernel benchmark's list options: every `heads` entry is <heads>x<head_dim>
+    and every entry of the fields in `choices` is one of its allowed values."""
+    for h in cfg.heads:
+        n, _, d = h.partition("x")
+        if not (n.isdigit() and d.isdigit()):
+            raise ValueError(f"--heads entry {h!r} must be <heads>x<head_dim>, e.g. 16x64")
+    for name, allowed in choices.items():
+        bad = set(getattr(cfg, name)) - set(allowed)
+        if bad:
+            raise ValueError(f"--{name} has unknown entries {sorted(bad)}; choose from {allowed}")
+
+
+def speed_table(head: str, rows: list[dict], peak: float | None, baseline: str, keys: tuple[str, ...],
+                columns: tuple[str, ...]) -> str:
+    """A kernel benchmark's markdown table: `head` (its header row), one row per result with its
+    `columns`, then tokens/s, TFLOP/s, % of `peak`, the ratio to the `baseline` impl's row with the
+    same `keys`, and the max relative error."""
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    key_of = lambda r: tuple(r[k] for k in keys)
+    base = {key_of(r): r["tokens_per_s"] for r in rows if r["impl"] == baseline and r.get("status") == "ok"}
+    for r in rows:
+        cells = [r.get(c, "") for c in columns]
+        if r.get("status") != "ok":
+            lines.append("| " + " | ".join(map(str, cells)) + f" | {r['status']} | | | | |")
+            continue
+        pct = f"{100 * r['tflops'] / peak:.1f}%" if peak else "n/a"
+        ratio = f"{r['tokens_per_s'] / base[key_of(r)]:.2f}x" if key_of(r) in base else ""
+        err = "" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"
+        cells += [f"{r['tokens_per_s']:.0f}", f"{r['tflops']:.2f}", pct, ratio, err]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
+def gpu_header(script: str, kind: str, peak: float | None, interpreted: bool) -> str:
+    """The command, machine and device lines above a kernel benchmark's table."""
+    return (f"Command: `python scripts/{script} {' '.join(sys.argv[1:])}`  \n"
+            f"{machine_line()}; device: {kind}{f' (dense bf16 peak {peak} TFLOP/s)' if peak else ''}"
+            f"{'; Pallas interpreted' if interpreted else ''}  \n")
+
+
 def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()

@@ -37,7 +37,7 @@ from titans.config import ConfigError  # noqa: E402
 from titans.model import TitansLM  # noqa: E402
 from train.config import load_run_config  # noqa: E402
 from train.data import niah  # noqa: E402
-from train.trainer import make_optimizer, next_token_loss  # noqa: E402
+from train.trainer import make_optimizer, train_step  # noqa: E402
 
 def episode_rows(rng: np.random.Generator, batch: int, seq_len: int, gap: int) -> tuple[np.ndarray, np.ndarray]:
     """tokens `[batch, seq_len + 1]` int32 and `recalled [batch, seq_len]`: target t + 1 is a recalled digit."""
@@ -72,12 +72,6 @@ def main(args: argparse.Namespace) -> dict:
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit
-    def step(model, optimizer, tokens, weights):
-        loss, grads = nnx.value_and_grad(lambda m: next_token_loss(m, tokens, weights)[0])(model)
-        optimizer.update(model, grads)
-        return loss
-
-    @nnx.jit
     def measure(model, tokens, recalled):
         logits = model(tokens[:, :-1])
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1)[..., 0]
@@ -94,7 +88,7 @@ def main(args: argparse.Namespace) -> dict:
         for i in range(1, args.steps + 1):
             tokens, recalled = episode_rows(rng, args.batch, args.seq_len, args.gap)
             weights = np.where(recalled, 1.0, args.other_weight).astype(np.float32)
-            loss = step(model, optimizer, jnp.asarray(tokens), jnp.asarray(weights))
+            loss = train_step(model, optimizer, {"tokens": jnp.asarray(tokens), "weights": jnp.asarray(weights)})[0]
             if i % args.log_every == 0 or i == args.steps:
                 nll, acc = measure(model, *map(jnp.asarray, held_out))
                 row = {"step": i, "loss": round(float(loss), 4), "recall_nll": round(float(nll), 4),
