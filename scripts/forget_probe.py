@@ -1,12 +1,18 @@
 """Is forgetting what limits a model's needle retrieval? Shift the forget gate and run the grid again.
 
     python scripts/forget_probe.py --checkpoint runs/niah3-lmm --shifts -30,-3,0,6 --lengths 512,2K,4K
+    python scripts/forget_probe.py --checkpoint runs/niah3-lmm-8k --shifts -30,0 --drift 256K
 
 For each shift `d`, every memory layer's forget-gate bias becomes `b_alpha + d` (alpha =
 sigmoid(x w_alpha + b_alpha), so -3 forgets about 20x less and -30 not at all; +6 forgets within
 tens of tokens, a check that the probe is live). Then it runs passkey and S-NIAH-1 at every length and
 depth (5 depths, 1 sample). If removing the decay does not extend the lengths that are found, the
 needle is lost to the memory's other writes, not to its decay. Prints one table.
+
+`--drift N` asks instead whether the streaming state stays in the range the model was trained on:
+for each shift it streams one passkey prompt of N tokens (needle at depth 0, then only filler) and
+prints, at every power of two from 4K, the model's bits per token on the last 4096 filler tokens
+and each memory layer's weight norm relative to its learned initial weights W^0.
 """
 
 from __future__ import annotations
@@ -17,26 +23,82 @@ from pathlib import Path
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from kernels.memory import MemoryState  # noqa: E402
 from titans.memory_layer import NeuralMemory  # noqa: E402
 from train import niah_eval  # noqa: E402
+from train.data import niah  # noqa: E402
 from train.trainer import TrainError, load_model  # noqa: E402
 
 TASKS = ("passkey", "s-niah-1")
 
 
-def shifted(model, shift: float):
-    """`model` with `shift` added to the forget-gate bias of each memory layer (in place)."""
+def memories(model) -> list[NeuralMemory]:
+    """The model's memory layers, in block order."""
     layers = [node for _, node in nnx.iter_graph(model) if isinstance(node, NeuralMemory)]
     if not layers:
         raise ValueError(f"a {model.config.variant} model has no memory to probe")
-    for layer in layers:
+    return layers
+
+
+def shifted(model, shift: float):
+    """`model` with `shift` added to the forget-gate bias of each memory layer (in place)."""
+    for layer in memories(model):
         layer.b_alpha[...] = layer.b_alpha[...] + shift
     return model
 
 
+def _norm(weights) -> float:
+    """Frobenius norm over all matrices of one memory layer, averaged over batch and heads."""
+    squares = sum(np.square(np.asarray(w, np.float64)).sum((-2, -1)) for w in weights)
+    return float(np.sqrt(squares).mean())
+
+
+def drift(model, tokenizer, length: int, piece: int = 4096) -> list[dict]:
+    """Stream one passkey prompt of `length` tokens (needle at depth 0); at every power of two from
+    `piece` on (and at the end): position, bits per token on the last `piece` tokens, and per memory
+    layer `|W| / |W^0|`."""
+    tokens = niah.make_sample("passkey", length, 0.0, 0, tokenizer).tokens[None]
+    init = [_norm(m.init_weights) for m in memories(model)]
+    state, rows, mark = model.init_state(1), [], piece
+    for start in range(0, length, piece):
+        logits, state = model.extend(tokens[:, start : start + piece], state)
+        end = min(start + piece, length)
+        if end < mark and end < length:
+            continue
+        mark *= 2
+        logp = jax.nn.log_softmax(logits[0, :-1])
+        nll = -np.take_along_axis(np.asarray(logp), tokens[0, start + 1 : end, None], 1).mean()
+        found = [s for s in jax.tree.leaves(state.layers, is_leaf=lambda x: isinstance(x, MemoryState))
+                 if isinstance(s, MemoryState)]
+        rows.append({"position": end, "bits": float(nll / np.log(2)),
+                     "norm_ratio": [_norm(s.weights) / w0 for s, w0 in zip(found, init)]})
+    return rows
+
+
+def main_drift(args: argparse.Namespace) -> dict:
+    length = niah_eval.parse_length(args.drift)
+    table = {}
+    for shift in [float(x) for x in args.shifts.split(",")]:
+        model, tokenizer = load_model(checkpoint=args.checkpoint)
+        table[shift] = drift(shifted(model, shift), tokenizer, length)
+    positions = [r["position"] for r in next(iter(table.values()))]
+    print(f"{args.checkpoint}: one passkey prompt of {length} tokens (needle at depth 0, then filler) with the "
+          "forget-gate bias shifted; bits per token on the last 4096 tokens, and |W| / |W^0| per memory layer\n")
+    print("| shift | measure | " + " | ".join(niah_eval.format_length(n) for n in positions) + " |")
+    print("|---|---|" + "---:|" * len(positions))
+    for shift, rows in table.items():
+        print(f"| {shift:+g} | bits/token | " + " | ".join(f"{r['bits']:.3f}" for r in rows) + " |")
+        print("| | norm W / W0 | " + " | ".join(" ".join(f"{x:.2f}" for x in r["norm_ratio"]) for r in rows) + " |")
+    return table
+
+
 def main(args: argparse.Namespace) -> dict:
+    if args.drift:
+        return main_drift(args)
     shifts = [float(x) for x in args.shifts.split(",")]
     lengths = tuple(niah_eval.parse_length(x) for x in args.lengths.split(","))
     grid = niah_eval.Grid(TASKS, lengths, (0.0, 0.25, 0.5, 0.75, 1.0), 1, args.seed)
@@ -60,6 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shifts", default="-30,-3,0,6", help="comma list of logit shifts of the forget gate")
     p.add_argument("--lengths", default="512,1K,2K,4K", help="comma list: 512, 4K, ...")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--drift", metavar="LENGTH", help="instead of the grid: the state over one prompt this long")
     return p.parse_args(argv)
 
 

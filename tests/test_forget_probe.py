@@ -40,3 +40,19 @@ def test_missing_run_fails_in_one_line(tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
     assert proc.stderr.startswith("forget_probe: ") and "is not a run folder" in proc.stderr
+
+
+def test_drift_reports_filler_loss_and_memory_norms():
+    """`--drift`: a row per power of two of the piece; strong forgetting shrinks the memory below
+    W^0 while no forgetting does not."""
+    from train.data.tokenizer import ByteTokenizer
+
+    cfg = titans.load_preset("tiny", variant="lmm")
+    rows = {}
+    for shift in (-30.0, 6.0):
+        model = forget_probe.shifted(titans.TitansLM(cfg, rngs=nnx.Rngs(0)), shift)
+        rows[shift] = forget_probe.drift(model, ByteTokenizer(), 1536, piece=256)
+    assert [r["position"] for r in rows[6.0]] == [256, 512, 1024, 1536]
+    for r in rows[6.0] + rows[-30.0]:
+        assert 0 < r["bits"] < 16 and len(r["norm_ratio"]) == cfg.n_layers
+    assert rows[6.0][0]["norm_ratio"][0] < 0.5 and rows[-30.0][0]["norm_ratio"][0] > 0.9
