@@ -270,3 +270,31 @@ def test_outer_gradient_stays_bounded_with_length(variant):
     graph, params = nnx.split(model)
     short, long = (float(norm(params, tokens(2, n + 1))) for n in (64, 1024))
     assert long < 3 * short and long < 10, (short, long)
+
+
+@pytest.mark.parametrize("variant", ("lmm", "mag", "mal", "mac"))
+def test_start_state_from_memories(variant):
+    """`start_state` (training with state passing): from W^0 it is a sequence start; from the memory
+    an earlier piece ended with (conv tails included) it continues that piece exactly wherever
+    attention cannot tell the difference: lmm, and mac from a segment boundary at the same position
+    (its persistent slots carry no RoPE, so the absolute position matters)."""
+    model, x = build(variant, conv_kernel=1 if variant == "mac" else 4)[0], tokens()
+    fresh = model.run(x[:, 32:])[0]
+    from_w0 = model.run(x[:, 32:], model.start_state(model.memory_states(model.init_state(B))))[0]
+    np.testing.assert_array_equal(np.asarray(from_w0), np.asarray(fresh))
+    whole = model.run(x)[0][:, 32:]
+    start = model.start_state(model.memory_states(model.run(x[:, :32])[1]))
+    if variant in ("lmm", "mac"):
+        start = start._replace(position=np.asarray(32, np.int32))
+        np.testing.assert_allclose(np.asarray(model.run(x[:, 32:], start)[0]), np.asarray(whole), atol=2e-5)
+    assert scale(model.run(x[:, 32:], start)[0] - fresh) > 0.05  # the carried memory is read
+
+
+def test_start_state_needs_one_memory_per_block():
+    model = build("lmm")[0]
+    with pytest.raises(ValueError, match="one memory state per block"):
+        model.start_state(model.memory_states(model.init_state(B))[:1])
+    swa = build("swa")[0]
+    assert swa.memory_states(swa.init_state(B)) == ()
+    with pytest.raises(ValueError, match="for a swa model"):
+        swa.start_state(())

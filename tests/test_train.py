@@ -286,3 +286,51 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_corpus, tmp_path
 
     latest, _ = load_trained_model(out)
     assert all(np.all(np.isfinite(np.asarray(v[...]))) for _, v in nnx.to_flat_state(nnx.state(latest, nnx.Param)))
+
+
+def test_state_passing_step():
+    """A row that keeps nothing is the plain step; a kept row starts from the carried memory (its loss
+    changes) and only its own memory: every carried array comes back with the batch's shape."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    import titans
+    from train.trainer import Carry, train_step
+
+    def step(keep, carried=None):
+        model = titans.TitansLM(titans.load_preset("tiny", variant="lmm"), rngs=nnx.Rngs(0))
+        opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+        tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 33)), jnp.int32)
+        batch = {"tokens": tokens, "weights": jnp.ones((2, 32))}
+        if keep is None:
+            return train_step(model, opt, batch), model
+        carried = carried if carried is not None else model.memory_states(model.init_state(2))
+        return train_step(model, opt, batch, Carry(carried, jnp.asarray(keep))), model
+
+    (loss, _, _, none), plain = step(None)
+    assert none is None
+    (loss0, _, _, ends), model0 = step([False, False])
+    assert float(loss0) == pytest.approx(float(loss), rel=1e-6)
+    same = [np.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(jax.tree.leaves(nnx.state(plain, nnx.Param)),
+                                                                     jax.tree.leaves(nnx.state(model0, nnx.Param)))]
+    assert all(same)
+    assert [a.shape for a in jax.tree.leaves(ends)] == [a.shape for a in jax.tree.leaves(
+        model0.memory_states(model0.init_state(2)))]
+    (loss1, _, _, _), _ = step([True, False], ends)
+    assert abs(float(loss1) - float(loss)) > 1e-4
+
+
+def test_state_passing_trains_and_checks_its_config(text_corpus, tmp_path):
+    from train.config import ConfigError
+
+    run = load_run_config("tiny", overrides(text_corpus, state_passing=0.5) + ["model.variant=lmm"])
+    summary = train(run, tmp_path / "run", steps=4, progress=False, log=lambda s: None)
+    assert summary["status"] == "done" and np.isfinite(summary["loss"])
+    with pytest.raises(ConfigError, match="a swa model has none"):
+        load_run_config("tiny", overrides(text_corpus, state_passing=0.5) + ["model.variant=swa"])
+    with pytest.raises(ConfigError, match="multiple of model.chunk_size"):
+        load_run_config("tiny", overrides(text_corpus, state_passing=0.5, seq_len=30))
+    with pytest.raises(ConfigError, match=r"probability in \[0, 1\]"):
+        load_run_config("tiny", overrides(text_corpus, state_passing=1.5))

@@ -20,6 +20,7 @@ from flax import nnx
 
 from titans.config import ModelConfig
 from titans.layers import RMSNorm, SwiGLU, dense
+from titans.memory_layer import MemoryLayerState
 from titans.mixers import MIXERS, segment_plan
 from titans.sharding import sharded_init
 
@@ -74,6 +75,22 @@ class TitansLM(nnx.Module):
     def init_state(self, batch_size: int) -> ModelState:
         """The state before any token: position 0, each mixer's initial state."""
         return ModelState(np.zeros((), np.int32), tuple(b.mixer.init_state(batch_size) for b in self.blocks))
+
+    def memory_states(self, state: ModelState) -> tuple[MemoryLayerState, ...]:
+        """The memory layers' states inside `state`, one per block (empty for swa)."""
+        is_memory = lambda node: isinstance(node, MemoryLayerState)
+        return tuple(node for node in jax.tree.leaves(state.layers, is_leaf=is_memory) if is_memory(node))
+
+    def start_state(self, memories) -> ModelState:
+        """A sequence start, like `run(tokens, None)`, except that each block's memory begins from
+        `memories[i]` (a `MemoryLayerState`, its conv tails included) instead of `W^0`: no attention
+        context and position 0. Training with state passing (train/trainer.py) starts rows this way.
+        """
+        if self.config.variant == "swa" or len(memories) != len(self.blocks):
+            raise ValueError(f"start_state needs one memory state per block ({len(self.blocks)}), got "
+                             f"{len(memories)} for a {self.config.variant} model")
+        return ModelState(np.zeros((), np.int32),
+                          tuple(b.mixer.start_state(m) for b, m in zip(self.blocks, memories)))
 
     def plan(self, start, length: int) -> tuple[int, ...] | None:
         """MAC's split of `length` tokens at segment boundaries (None for the other variants).

@@ -43,6 +43,11 @@ class TrainConfig:
     # folder, with the same model config. The optimizer and data stream start fresh.
     init_from: str = ""
     fsdp: int = 1  # devices on the mesh's "fsdp" axis (parameters sharded); the rest is the "data" axis
+    # State passing (Buitrago Ruiz & Gu 2025, arXiv 2507.02782): the probability that a row's memory
+    # starts from the memory its batch slot ended the previous step with, instead of W^0. Chains of
+    # rows show training the states of streams far longer than one row, which is what a recurrent
+    # model meets past its training length (EVALS.md). Chains restart when a run resumes.
+    state_passing: float = 0.0
 
     def __post_init__(self):
         check_field_types(self, "train")
@@ -52,6 +57,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0 and train.min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip <= 0 or self.sample_tokens < 0:
             raise ConfigError("train.warmup_steps, weight_decay, sample_tokens must be >= 0 and grad_clip > 0")
+        if not 0 <= self.state_passing <= 1:
+            raise ConfigError(f"train.state_passing must be a probability in [0, 1], got {self.state_passing}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +109,14 @@ class RunConfig:
     model: ModelConfig
     train: TrainConfig
     data: DataConfig
+
+    def __post_init__(self):
+        if self.train.state_passing:
+            if self.model.variant == "swa":
+                raise ConfigError("train.state_passing passes memory states, and a swa model has none: set it to 0")
+            if self.train.seq_len % self.model.chunk_size:
+                raise ConfigError(f"train.state_passing needs train.seq_len ({self.train.seq_len}) to be a multiple "
+                                  f"of model.chunk_size ({self.model.chunk_size}), so rows end on a chunk boundary")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -21,16 +21,19 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from titans.model import TitansLM
+from kernels.memory import MemoryState
+from titans.memory_layer import MemoryLayerState
+from titans.model import ModelState, TitansLM
 from titans import pretrained
 from titans.sampling import generate
 from titans.sharding import logical_shardings
@@ -86,31 +89,65 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     ), schedule
 
 
+def _nll(model: TitansLM, batch: jax.Array, state: ModelState | None = None) -> tuple[jax.Array, ModelState]:
+    """Per-token cross-entropy `[B, L]` (nats) of batch `[B, L + 1]` and the model state after it."""
+    logits, end = model.run(batch[:, :-1], state)
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), batch[:, 1:, None], axis=-1)[..., 0], end
+
+
+def _mean(nll: jax.Array, weights: jax.Array | None) -> jax.Array:
+    return jnp.mean(nll) if weights is None else jnp.sum(weights * nll) / jnp.sum(weights)
+
+
 def next_token_loss(model: TitansLM, batch: jax.Array, weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Cross-entropy (nats) of batch `[B, L + 1]`: its mean, weighted by `weights` `[B, L]` when given,
     and its sum."""
-    logits = model(batch[:, :-1])
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch[:, 1:, None], axis=-1)[..., 0]
-    loss = jnp.mean(nll) if weights is None else jnp.sum(weights * nll) / jnp.sum(weights)
-    return loss, jnp.sum(nll)
+    nll = _nll(model, batch)[0]
+    return _mean(nll, weights), jnp.sum(nll)
 
 
-def _loss_and_gate_means(model: TitansLM, batch: dict[str, jax.Array]):
-    """The loss and {"theta", "eta", "alpha"}: each gate's mean over the memory calls of the pass
-    (empty without memory)."""
-    (loss, _), sown = nnx.capture(next_token_loss, nnx.Intermediate)(model, batch["tokens"], batch["weights"])
+class Carry(NamedTuple):
+    """State passing: each block's memory state at the end of the previous step's rows, and which
+    rows of this step start from it (`keep [B]` bool; the others start from W^0)."""
+
+    memories: tuple[MemoryLayerState, ...]
+    keep: jax.Array
+
+
+def _start_state(model: TitansLM, carry: Carry) -> ModelState:
+    """Rows' start: the carried memory weights and momentum where `keep`, W^0 and zero momentum
+    elsewhere; conv tails and attention always fresh (a row is a new document)."""
+    fresh = model.memory_states(model.init_state(carry.keep.shape[0]))
+    pick = lambda f, c: jnp.where(carry.keep.reshape((-1,) + (1,) * (f.ndim - 1)), c, f)
+    memories = []
+    for f, c in zip(fresh, carry.memories):
+        weights = tuple(map(pick, f.memory.weights, c.memory.weights))
+        momentum = tuple(map(pick, f.memory.momentum, c.memory.momentum))
+        # Rows end on a chunk boundary (RunConfig checks), where the anchor equals the weights.
+        memories.append(f._replace(memory=MemoryState(weights, momentum, weights, f.memory.offset)))
+    return model.start_state(memories)
+
+
+def _loss_and_gate_means(model: TitansLM, batch: dict[str, jax.Array], carry: Carry | None):
+    """The loss and ({"theta", "eta", "alpha"}: each gate's mean over the memory calls of the pass
+    (empty without memory), the memory states after the rows when passing them, else None)."""
+    def loss_fn(model):
+        nll, end = _nll(model, batch["tokens"], None if carry is None else _start_state(model, carry))
+        return _mean(nll, batch["weights"]), None if carry is None else model.memory_states(end)
+
+    (loss, memories), sown = nnx.capture(loss_fn, nnx.Intermediate)(model)
     calls = [means for path, var in nnx.to_flat_state(sown) if path[-1] == "gate_means" for means in var.get_value()]
-    return loss, {name: jnp.mean(jnp.stack([c[name] for c in calls])) for name in ("theta", "eta", "alpha")
-                  } if calls else {}
+    means = {name: jnp.mean(jnp.stack([c[name] for c in calls])) for name in ("theta", "eta", "alpha")} if calls else {}
+    return loss, (means, memories)
 
 
 @nnx.jit(donate_argnums=(0, 1))
-def train_step(model: TitansLM, optimizer: nnx.Optimizer, batch: dict[str, jax.Array]):
+def train_step(model: TitansLM, optimizer: nnx.Optimizer, batch: dict[str, jax.Array], carry: Carry | None = None):
     """One optimizer step on a batch {"tokens", "weights"} (train/data/pipeline.py): (loss, gradient
-    global norm, gate means)."""
-    (loss, gate_means), grads = nnx.value_and_grad(_loss_and_gate_means, has_aux=True)(model, batch)
+    global norm, gate means, memory states after the rows when `carry` is given, else None)."""
+    (loss, (gate_means, memories)), grads = nnx.value_and_grad(_loss_and_gate_means, has_aux=True)(model, batch, carry)
     optimizer.update(model, grads)
-    return loss, optax.tree.norm(grads), gate_means
+    return loss, optax.tree.norm(grads), gate_means, memories
 
 
 @nnx.jit
@@ -142,6 +179,12 @@ def global_batch(local, mesh: jax.sharding.Mesh):
     """This process's rows (a pytree of arrays) -> arrays whose batch axis is split over every device."""
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     return jax.tree.map(lambda rows: jax.make_array_from_process_local_data(sharding, rows), local)
+
+
+def initial_memories(model: TitansLM, batch_size: int, mesh: jax.sharding.Mesh) -> tuple[MemoryLayerState, ...]:
+    """This process's `batch_size` rows of W^0 memory states, batch-sharded like `global_batch`."""
+    return jax.tree.map(lambda a: global_batch(np.asarray(a), mesh) if np.ndim(a) else a,
+                        model.memory_states(model.init_state(batch_size)))
 
 
 class _Stop:
@@ -346,12 +389,21 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, needles, init, log,
         manager.save(step, args=_checkpoint_args(model, optimizer, iterator, rng, save=True), force=True)
 
     status, last, tokens_per_step = "done", {}, cfg.batch_size * cfg.seq_len * jax.process_count()
+    # State passing: every chain starts at W^0 (keep all False) on the first step of this process.
+    memories, keep_rng = None, np.random.default_rng([cfg.seed, jax.process_index(), start])
+    if cfg.state_passing:  # placeholders of the carry's shapes: the first step keeps none of them
+        memories = initial_memories(model, cfg.batch_size, mesh)
     t_log, logged, step = time.perf_counter(), start, start
     with _Stop() as stop:
         try:
             for step in range(start + 1, steps + 1):
                 with jax.set_mesh(mesh):  # the Pallas kernels map themselves over the batch under it
-                    loss, grad_norm, gate_means = train_step(model, optimizer, global_batch(next(iterator), mesh))
+                    carry = None
+                    if memories is not None:
+                        keep = keep_rng.random(cfg.batch_size) < cfg.state_passing
+                        carry = Carry(memories, global_batch(keep & (step > start + 1), mesh))
+                    loss, grad_norm, gate_means, memories = train_step(model, optimizer, global_batch(next(iterator), mesh),
+                                                                       carry)
                 logging = step % cfg.log_every == 0 or step == steps
                 evaluating = step % cfg.eval_every == 0 or step == steps
                 saving = step % cfg.checkpoint_every == 0 or step == steps or stop.signal is not None

@@ -16,5 +16,8 @@ class LMM(nnx.Module):
     def init_state(self, batch_size: int):
         return self.memory.init_state(batch_size)
 
+    def start_state(self, memory):
+        return memory
+
     def __call__(self, x, state, start, plan=None):
         return self.memory(self.norm(x), state)

@@ -81,6 +81,11 @@ class MAC(nnx.Module):
         kv = jnp.zeros((batch_size, 2 * cfg.segment_len, cfg.attn_heads, cfg.head_dim), cfg.compute_dtype)
         return MACState(memory, memory.memory.weights, self.retrieval.zero_tail(batch_size), kv, kv)
 
+    def start_state(self, memory: MemoryLayerState) -> MACState:
+        # The first segment retrieves from the memory it starts with (M_{s-1} = M_0).
+        fresh = self.init_state(memory.memory.weights[0].shape[0])
+        return fresh._replace(memory=memory, segment_weights=memory.memory.weights)
+
     def _piece(self, x: jax.Array, state: MACState, start) -> tuple[jax.Array, MACState, dict]:
         """x `[batch, n, d_model]` (normed) at positions `start ..`, all inside one segment.
 

@@ -31,6 +31,9 @@ class MAG(nnx.Module):
     def init_state(self, batch_size: int) -> MAGState:
         return MAGState(self.attn.init_state(batch_size), self.memory.init_state(batch_size))
 
+    def start_state(self, memory: MemoryLayerState) -> MAGState:
+        return MAGState(None, memory)  # no attention cache: a sequence start
+
     def __call__(self, x, state, start, plan=None):
         state = state or MAGState(None, None)
         h = self.norm(x)

@@ -25,6 +25,9 @@ class MAL(nnx.Module):
     def init_state(self, batch_size: int) -> MALState:
         return MALState(self.memory.init_state(batch_size), self.attn.init_state(batch_size))
 
+    def start_state(self, memory: MemoryLayerState) -> MALState:
+        return MALState(memory, None)  # no attention cache: a sequence start
+
     def __call__(self, x, state, start, plan=None):
         state = state or MALState(None, None)
         m, memory = self.memory(self.memory_norm(x), state.memory)
