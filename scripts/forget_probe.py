@@ -27,7 +27,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from kernels.memory import MemoryState  # noqa: E402
 from titans.memory_layer import NeuralMemory  # noqa: E402
 from train import niah_eval  # noqa: E402
 from train.data import niah  # noqa: E402
@@ -59,8 +58,8 @@ def _norm(weights) -> float:
 
 def drift(model, tokenizer, length: int, piece: int = 4096) -> list[dict]:
     """Stream one passkey prompt of `length` tokens (needle at depth 0); at every power of two from
-    `piece` on (and at the end): position, bits per token on the last `piece` tokens, and per memory
-    layer `|W| / |W^0|`."""
+    `piece` on (and at the end, whose piece closes with the question's few dozen tokens): position,
+    bits per token on the last `piece` tokens, and per memory layer `|W| / |W^0|`."""
     tokens = niah.make_sample("passkey", length, 0.0, 0, tokenizer).tokens[None]
     init = [_norm(m.init_weights) for m in memories(model)]
     state, rows, mark = model.init_state(1), [], piece
@@ -72,10 +71,8 @@ def drift(model, tokenizer, length: int, piece: int = 4096) -> list[dict]:
         mark *= 2
         logp = jax.nn.log_softmax(logits[0, :-1])
         nll = -np.take_along_axis(np.asarray(logp), tokens[0, start + 1 : end, None], 1).mean()
-        found = [s for s in jax.tree.leaves(state.layers, is_leaf=lambda x: isinstance(x, MemoryState))
-                 if isinstance(s, MemoryState)]
         rows.append({"position": end, "bits": float(nll / np.log(2)),
-                     "norm_ratio": [_norm(s.weights) / w0 for s, w0 in zip(found, init)]})
+                     "norm_ratio": [_norm(s.memory.weights) / w0 for s, w0 in zip(model.memory_states(state), init)]})
     return rows
 
 
