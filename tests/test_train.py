@@ -289,8 +289,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_corpus, tmp_path
 
 
 def test_state_passing_step():
-    """A row that keeps nothing is the plain step; a kept row starts from the carried memory (its loss
-    changes) and only its own memory: every carried array comes back with the batch's shape."""
+    """A step that keeps no row is the plain step; a kept row starts from the carried memory (its loss
+    changes) and a row not kept is exactly a fresh row; the carried arrays come back with the batch's
+    shapes."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -320,6 +321,14 @@ def test_state_passing_step():
         model0.memory_states(model0.init_state(2)))]
     (loss1, _, _, _), _ = step([True, False], ends)
     assert abs(float(loss1) - float(loss)) > 1e-4
+    # Per row: the kept row reads the carried memory, the other is exactly a fresh row.
+    from train.trainer import _nll, _start_state
+
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 33)), jnp.int32)
+    fresh = np.asarray(_nll(model0, tokens)[0])
+    mixed = np.asarray(_nll(model0, tokens, _start_state(model0, Carry(ends, jnp.asarray([True, False]))))[0])
+    np.testing.assert_allclose(mixed[1], fresh[1], rtol=1e-6, atol=1e-6)
+    assert np.abs(mixed[0] - fresh[0]).max() > 1e-3
 
 
 def test_state_passing_trains_and_checks_its_config(text_corpus, tmp_path):
