@@ -13,11 +13,18 @@ needle is lost to the memory's other writes, not to its decay. Prints one table.
 for each shift it streams one passkey prompt of N tokens (needle at depth 0, then only filler) and
 prints, at every power of two from 4K, the model's bits per token on the last 4096 filler tokens
 and each memory layer's weight norm relative to its learned initial weights W^0.
+
+`--gates N` asks how differently the model writes the needle and the filler: it streams one passkey
+prompt of N tokens (needle at depth 50%) and prints, per memory layer, the mean write rate theta,
+momentum eta and forget rate alpha over the filler, the needle and the question, and the sums of
+theta and alpha over the filler that follows the needle (how much the needle is written over and
+decayed before the question).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -76,6 +83,60 @@ def drift(model, tokenizer, length: int, piece: int = 4096) -> list[dict]:
     return rows
 
 
+@functools.partial(nnx.jit, static_argnums=(3,))
+def _run_with_gates(model, tokens, state, plan):
+    """`model.run` and every memory layer's gates (theta, eta, alpha), in block order."""
+    (_, state), sown = nnx.capture(lambda m: m.run(tokens, state, plan), nnx.Intermediate,
+                                      method_outputs=nnx.Intermediate)(model)
+    flat = jax.tree_util.tree_flatten_with_path(sown, is_leaf=lambda x: isinstance(x, tuple))[0]
+    # a sown value is the tuple of its calls; run calls each layer's gates once
+    gates = [calls[0] for path, calls in flat if "'gates'" in jax.tree_util.keystr(path)]
+    return state, gates
+
+
+def gate_profile(model, tokenizer, length: int, piece: int = 4096) -> list[dict]:
+    """Stream one passkey prompt of `length` tokens (needle at depth 50%); per memory layer the mean
+    theta, eta, alpha over each part of the prompt (heads and, for theta, memory layers averaged)
+    and the sums of theta and alpha over the filler after the needle."""
+    if model.config.variant == "mac":
+        raise ValueError("--gates cannot read mac's gates (its memory runs inside the segment loop); "
+                         "use an lmm, mag or mal run")
+    sample = niah.make_sample("passkey", length, 0.5, 0, tokenizer)
+    needle_end = sample.needle_at + sample.needle_len
+    part = np.zeros(length, np.int32)  # 0 filler (and header), 1 needle, 2 question
+    part[sample.needle_at:needle_end], part[length - sample.question_len:] = 1, 2
+    tokens, state, pieces = sample.tokens[None], model.init_state(1), []
+    for start in range(0, length, piece):
+        chunk = tokens[:, start : start + piece]
+        state, gates = _run_with_gates(model, chunk, state, model.plan(int(state.position), chunk.shape[1]))
+        # per layer [3, seq]: theta, eta, alpha of the one row, averaged over heads (and theta's memory layers)
+        pieces.append([np.stack([np.asarray(g[0]).reshape(g.shape[1], -1).mean(-1) for g in layer]) for layer in gates])
+    rows = []
+    after = (np.arange(length) >= needle_end) & (part == 0)
+    for layer in zip(*pieces):
+        theta, eta, alpha = np.concatenate(layer, axis=1)
+        means = {name: {g: float(v[part == i].mean()) for g, v in (("theta", theta), ("eta", eta), ("alpha", alpha))}
+                 for i, name in enumerate(("filler", "needle", "question"))}
+        rows.append({**means, "theta_sum_after": float(theta[after].sum()), "alpha_sum_after": float(alpha[after].sum())})
+    return rows
+
+
+def main_gates(args: argparse.Namespace) -> list[dict]:
+    length = niah_eval.parse_length(args.gates)
+    model, tokenizer = load_model(checkpoint=args.checkpoint)
+    rows = gate_profile(model, tokenizer, length)
+    print(f"{args.checkpoint}: gates over one passkey prompt of {length} tokens (needle at depth 50%); "
+          "means per part, and sums over the filler between the needle and the question\n")
+    print("| layer | part | theta | eta | alpha |")
+    print("|---|---|---:|---:|---:|")
+    for n, row in enumerate(rows, 1):
+        for name in ("filler", "needle", "question"):
+            g = row[name]
+            print(f"| {n} | {name} | {g['theta']:.2e} | {g['eta']:.3f} | {g['alpha']:.2e} |")
+        print(f"| {n} | sum after the needle | {row['theta_sum_after']:.2f} | | {row['alpha_sum_after']:.3f} |")
+    return rows
+
+
 def main_drift(args: argparse.Namespace) -> dict:
     length = niah_eval.parse_length(args.drift)
     table = {}
@@ -96,6 +157,8 @@ def main_drift(args: argparse.Namespace) -> dict:
 def main(args: argparse.Namespace) -> dict:
     if args.drift:
         return main_drift(args)
+    if args.gates:
+        return main_gates(args)
     shifts = [float(x) for x in args.shifts.split(",")]
     lengths = tuple(niah_eval.parse_length(x) for x in args.lengths.split(","))
     grid = niah_eval.Grid(TASKS, lengths, (0.0, 0.25, 0.5, 0.75, 1.0), 1, args.seed)
@@ -120,6 +183,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lengths", default="512,1K,2K,4K", help="comma list: 512, 4K, ...")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--drift", metavar="LENGTH", help="instead of the grid: the state over one prompt this long")
+    p.add_argument("--gates", metavar="LENGTH", help="instead of the grid: the gates over one prompt this long")
     return p.parse_args(argv)
 
 

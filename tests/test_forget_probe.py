@@ -1,5 +1,6 @@
 """scripts/forget_probe.py: the shift lands on every memory layer's forget-gate bias and changes
-the gate; a model without memory and a missing run fail in one line."""
+the gate; `--drift` and `--gates` read the state and the gates; a model without memory and a
+missing run fail in one line."""
 
 from __future__ import annotations
 
@@ -56,3 +57,35 @@ def test_drift_reports_filler_loss_and_memory_norms():
     for r in rows[6.0] + rows[-30.0]:
         assert 0 < r["bits"] < 16 and len(r["norm_ratio"]) == cfg.n_layers
     assert rows[6.0][0]["norm_ratio"][0] < 0.5 and rows[-30.0][0]["norm_ratio"][0] > 0.9
+
+
+def test_gates_match_the_layers_own_gates_on_each_part():
+    """`--gates`: a bias shift on one layer's write rate moves that layer's theta and not its alpha;
+    a constant gate gives sums of exactly one value per filler token between needle and question."""
+    from train.data import niah
+    from train.data.tokenizer import ByteTokenizer
+
+    cfg = titans.load_preset("tiny", variant="lmm")
+    model = titans.TitansLM(cfg, rngs=nnx.Rngs(0))
+    base = forget_probe.gate_profile(model, ByteTokenizer(), 1024, piece=256)
+    assert len(base) == cfg.n_layers
+    first = forget_probe.memories(model)[0]
+    first.b_theta[...] = first.b_theta[...] - 4.0
+    lowered = forget_probe.gate_profile(model, ByteTokenizer(), 1024, piece=256)
+    for part in ("filler", "needle", "question"):
+        assert lowered[0][part]["theta"] < 0.1 * base[0][part]["theta"]
+        assert lowered[0][part]["alpha"] == pytest.approx(base[0][part]["alpha"], rel=1e-5)
+    assert lowered[0]["theta_sum_after"] < 0.1 * base[0]["theta_sum_after"]
+    # with its input weights zeroed, a gate is a constant: the sums count the filler after the needle
+    second = forget_probe.memories(model)[1]
+    second.w_theta[...], second.w_alpha[...] = 0 * second.w_theta[...], 0 * second.w_alpha[...]
+    theta, _, alpha = (float(g.mean()) for g in second.gates(jnp.zeros((1, 1, cfg.d_model))))
+    sample = niah.make_sample("passkey", 1024, 0.5, 0, ByteTokenizer())
+    after = 1024 - sample.needle_at - sample.needle_len - sample.question_len
+    row = forget_probe.gate_profile(model, ByteTokenizer(), 1024, piece=256)[1]
+    assert row["filler"]["theta"] == pytest.approx(theta, rel=1e-5)
+    assert row["theta_sum_after"] == pytest.approx(after * theta, rel=1e-4)
+    assert row["alpha_sum_after"] == pytest.approx(after * alpha, rel=1e-4)
+    with pytest.raises(ValueError, match="mac"):
+        forget_probe.gate_profile(titans.TitansLM(titans.load_preset("tiny", variant="mac"), rngs=nnx.Rngs(0)),
+                                  ByteTokenizer(), 1024)

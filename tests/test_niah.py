@@ -40,7 +40,9 @@ def test_sample_has_exact_length_and_needle_at_depth(task, length):
         header = len(TOK.encode(text.split("\n")[0] + "\n"))
         needle = re.match(r"\nThe pass key is \d+\. Remember it\. \d+ is the pass key\.\n|"
                           r" One of the special magic \w+ for [a-z-]+ is: [0-9a-f-]+\.", TOK.decode(s.tokens[s.needle_at:]))
-        filler = length - header - len(TOK.encode(text[text.index("\nWhat is"):])) - len(TOK.encode(needle.group()))
+        question = len(TOK.encode(text[text.index("\nWhat is"):]))
+        assert (s.needle_len, s.question_len) == (len(TOK.encode(needle.group())), question)
+        filler = length - header - question - s.needle_len
         position = (s.needle_at - header) / filler
         # passkey: any token; S-NIAH: the nearest sentence end (one every ~20 tokens here)
         assert abs(position - depth) <= (0.01 if task == "passkey" else 30 / filler), (depth, position)

@@ -58,6 +58,8 @@ class Sample:
     tokens: np.ndarray  # [length] int32: the prompt
     expected: str
     needle_at: int  # token index where the needle starts
+    needle_len: int  # tokens of the needle
+    question_len: int  # tokens of the question, which ends the prompt
 
 
 def check_task(name: str) -> Task:
@@ -139,7 +141,7 @@ def make_sample(task_name: str, length: int, depth: float, seed: int, tokenizer,
         if len(ends):
             at = int(ends[np.argmin(np.abs(ends - at))])
     tokens = np.concatenate([head, filler[:at], pin, filler[at:], tail])
-    return Sample(task_name, length, depth, seed, tokens, expected, len(head) + at)
+    return Sample(task_name, length, depth, seed, tokens, expected, len(head) + at, len(pin), len(tail))
 
 
 def score(task_name: str, expected: str, answer: str) -> bool:
