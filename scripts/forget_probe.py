@@ -24,7 +24,6 @@ decayed before the question).
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 
@@ -83,10 +82,10 @@ def drift(model, tokenizer, length: int, piece: int = 4096) -> list[dict]:
     return rows
 
 
-@functools.partial(nnx.jit, static_argnums=(3,))
-def _run_with_gates(model, tokens, state, plan):
-    """`model.run` and every memory layer's gates (theta, eta, alpha), in block order."""
-    (_, state), sown = nnx.capture(lambda m: m.run(tokens, state, plan), nnx.Intermediate,
+@nnx.jit
+def _run_with_gates(model, tokens, state):
+    """`model.run` and every memory layer's gates (theta, eta, alpha), in block order (not mac)."""
+    (_, state), sown = nnx.capture(lambda m: m.run(tokens, state), nnx.Intermediate,
                                       method_outputs=nnx.Intermediate)(model)
     flat = jax.tree_util.tree_flatten_with_path(sown, is_leaf=lambda x: isinstance(x, tuple))[0]
     # a sown value is the tuple of its calls; run calls each layer's gates once
@@ -98,6 +97,7 @@ def gate_profile(model, tokenizer, length: int, piece: int = 4096) -> list[dict]
     """Stream one passkey prompt of `length` tokens (needle at depth 50%); per memory layer the mean
     theta, eta, alpha over each part of the prompt (heads and, for theta, memory layers averaged)
     and the sums of theta and alpha over the filler after the needle."""
+    memories(model)  # a model without memory fails here
     if model.config.variant == "mac":
         raise ValueError("--gates cannot read mac's gates (its memory runs inside the segment loop); "
                          "use an lmm, mag or mal run")
@@ -108,7 +108,7 @@ def gate_profile(model, tokenizer, length: int, piece: int = 4096) -> list[dict]
     tokens, state, pieces = sample.tokens[None], model.init_state(1), []
     for start in range(0, length, piece):
         chunk = tokens[:, start : start + piece]
-        state, gates = _run_with_gates(model, chunk, state, model.plan(int(state.position), chunk.shape[1]))
+        state, gates = _run_with_gates(model, chunk, state)
         # per layer [3, seq]: theta, eta, alpha of the one row, averaged over heads (and theta's memory layers)
         pieces.append([np.stack([np.asarray(g[0]).reshape(g.shape[1], -1).mean(-1) for g in layer]) for layer in gates])
     rows = []

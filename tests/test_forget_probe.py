@@ -86,6 +86,9 @@ def test_gates_match_the_layers_own_gates_on_each_part():
     assert row["filler"]["theta"] == pytest.approx(theta, rel=1e-5)
     assert row["theta_sum_after"] == pytest.approx(after * theta, rel=1e-4)
     assert row["alpha_sum_after"] == pytest.approx(after * alpha, rel=1e-4)
+    with pytest.raises(ValueError, match="a swa model has no memory"):
+        forget_probe.gate_profile(titans.TitansLM(titans.load_preset("tiny", variant="swa"), rngs=nnx.Rngs(0)),
+                                  ByteTokenizer(), 1024)
     with pytest.raises(ValueError, match="mac"):
         forget_probe.gate_profile(titans.TitansLM(titans.load_preset("tiny", variant="mac"), rngs=nnx.Rngs(0)),
                                   ByteTokenizer(), 1024)
