@@ -8,7 +8,8 @@ Lengths count the model's tokens (bytes for the byte tokenizer); each prompt is 
 The real-text haystack (s-niah-2/3) is the held-out Austen text of the default corpus unless
 `--haystack FILE` is given. Writes OUT/results.json (every sample), OUT/results.md (accuracy by
 task x length and by depth x length) and OUT/heatmap.png (needs matplotlib), and prints the table,
-tokens/s and the peak resident memory.
+tokens/s and the peak resident memory. `--float64` runs the model in float64, to tell whether
+precision is what limits a length.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from pathlib import Path
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from titans.config import ConfigError  # noqa: E402
-from titans.model import TitansLM, count_params  # noqa: E402
+from titans.model import TitansLM, count_params, recast  # noqa: E402
 from train import niah_eval  # noqa: E402
 from train.config import DataConfig, load_run_config  # noqa: E402
 from train.data import niah  # noqa: E402
@@ -54,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="prompts of one length streamed together")
     p.add_argument("--piece", type=int, default=4096, help="prefill piece in tokens")
     p.add_argument("--out", help="results folder (default niah/<model name>)")
+    p.add_argument("--float64", action="store_true",
+                   help="run the model in float64 (parameters, state, compute): does precision limit a length?")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -82,6 +86,11 @@ def _load(args):
     return model, tokenizer, str(args.model or f"{args.checkpoint} ({args.which})")
 
 
+def _float64(model: TitansLM) -> TitansLM:
+    jax.config.update("jax_enable_x64", True)  # this process only evaluates, so the switch is global
+    return recast(model, "float64", "float64")
+
+
 def _haystack(args, tokenizer, tasks) -> tuple[np.ndarray | None, str]:
     if all(niah.TASKS[t].haystack == "noise" for t in tasks):
         return None, "noise"
@@ -105,6 +114,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.batch < 1 or args.piece < 1:
         raise ValueError("--batch and --piece must be >= 1")
     model, tokenizer, source = _load(args)
+    if args.float64:
+        model, source = _float64(model), f"{source}, float64"
     niah_eval.check_lengths(grid, tokenizer)
     haystack, haystack_name = _haystack(args, tokenizer, tasks)
     cfg = model.config

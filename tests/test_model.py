@@ -197,6 +197,26 @@ def test_bfloat16_compute_keeps_float32_state():
     assert scale(logits - want) < 0.1 * scale(want)
 
 
+@pytest.mark.parametrize("variant", ["lmm", "mac"])
+def test_recast_to_float64_keeps_the_weights(variant):
+    """`recast` keeps every weight: in float64 the stream's logits match float32 to rounding, the
+    state is float64, and recasting back gives the float32 model's logits exactly."""
+    from titans.model import recast
+
+    model, _, _ = build(variant)
+    toks = tokens(length=20)
+    want, _ = model.extend(toks, model.init_state(B))
+    with pytest.raises(ValueError, match="64-bit JAX"):
+        recast(model, "float64", "float64")
+    with jax.enable_x64(True):
+        wide = recast(model, "float64", "float64")
+        logits, state = wide.extend(toks, wide.init_state(B))
+        assert all(w.dtype == jnp.float64 for s in wide.memory_states(state) for w in s.memory.weights)
+        back = recast(wide, "float32", "float32")
+    assert 0 < scale(logits - want) < 1e-4 * scale(want)
+    np.testing.assert_array_equal(np.asarray(back.extend(toks, back.init_state(B))[0]), np.asarray(want))
+
+
 def test_mac_under_jit_needs_a_plan():
     model, _, _ = build("mac")
     state = model.init_state(B)

@@ -201,6 +201,16 @@ def test_script_smoke_and_errors(tmp_path):
         assert message in proc.stderr, proc.stderr
 
 
+def test_script_runs_in_float64(tmp_path):
+    """`--float64` (its own process: it switches JAX to 64 bits) names itself in the results."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "niah.py"), "--preset", "tiny", "--set",
+                           "model.variant=lmm", "--tasks", "passkey", "--lengths", "512", "--depths", "1",
+                           "--float64", "--no-progress", "--piece", "256", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "(random weights), float64: lmm" in (tmp_path / "results.md").read_text()
+
+
 def test_bad_needle_length_fails_before_touching_the_run(tmp_path):
     run = load_run_config("tiny", ["data.needle_fraction=0.5"])  # rows of 65 tokens cannot hold a task
     with pytest.raises(TrainError, match=r"data.needle_min_len=512 must lie in \[411, train.seq_len \+ 1 = 65\]"):

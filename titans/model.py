@@ -10,6 +10,7 @@ is its eager convenience, compiled once per piece shape and MAC segment plan.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -163,3 +164,17 @@ def count_params(config: ModelConfig) -> int:
     """Parameter count of a `TitansLM` for `config`, from shapes only (`nnx.eval_shape`: nothing allocated)."""
     abstract = nnx.eval_shape(lambda: TitansLM(config, rngs=nnx.Rngs(0)))
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+
+def recast(model: TitansLM, dtype: str, param_dtype: str) -> TitansLM:
+    """A model with `model`'s weights in other dtypes: compute in `dtype`, parameters and memory state
+    in `param_dtype` (names as in `ModelConfig`). float64 needs `jax_enable_x64`; running a model
+    in float64 beside float32 tells whether precision is what limits it."""
+    if "float64" in (dtype, param_dtype) and not jax.config.jax_enable_x64:
+        raise ValueError("float64 needs 64-bit JAX: set JAX_ENABLE_X64=1 or jax.config.update('jax_enable_x64', True)")
+    config = dataclasses.replace(model.config, dtype=dtype, param_dtype=param_dtype)
+    out = nnx.eval_shape(lambda: TitansLM(config, rngs=nnx.Rngs(0)))
+    wide = jnp.dtype(param_dtype)
+    nnx.update(out, jax.tree.map(lambda x: x.astype(wide) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                 nnx.state(model)))
+    return out
