@@ -59,7 +59,7 @@ def test_drift_reports_filler_loss_and_memory_norms():
     assert rows[6.0][0]["norm_ratio"][0] < 0.5 and rows[-30.0][0]["norm_ratio"][0] > 0.9
 
 
-def test_gates_match_the_layers_own_gates_on_each_part():
+def test_gates_by_part_and_their_sums_after_the_needle():
     """`--gates`: a bias shift on one layer's write rate moves that layer's theta and not its alpha;
     a constant gate gives sums of exactly one value per filler token between needle and question."""
     from train.data import niah
