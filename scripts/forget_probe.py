@@ -50,7 +50,8 @@ def memories(model) -> list[NeuralMemory]:
 
 
 def shifted(model, shift: float):
-    """`model` with `shift` added to the forget-gate bias of each memory layer (in place)."""
+    """`model` with `shift` added to the forget-gate bias of each memory layer (in place; shift an
+    `nnx.clone` to keep the original)."""
     for layer in memories(model):
         layer.b_alpha[...] = layer.b_alpha[...] + shift
     return model
@@ -139,10 +140,10 @@ def main_gates(args: argparse.Namespace) -> list[dict]:
 
 def main_drift(args: argparse.Namespace) -> dict:
     length = niah_eval.parse_length(args.drift)
+    model, tokenizer = load_model(checkpoint=args.checkpoint)
     table = {}
     for shift in [float(x) for x in args.shifts.split(",")]:
-        model, tokenizer = load_model(checkpoint=args.checkpoint)
-        table[shift] = drift(shifted(model, shift), tokenizer, length)
+        table[shift] = drift(shifted(nnx.clone(model), shift), tokenizer, length)
     positions = [r["position"] for r in next(iter(table.values()))]
     print(f"{args.checkpoint}: one passkey prompt of {length} tokens (needle at depth 0, then filler) with the "
           "forget-gate bias shifted; bits per token on the last 4096 tokens, and |W| / |W^0| per memory layer\n")
@@ -162,10 +163,10 @@ def main(args: argparse.Namespace) -> dict:
     shifts = [float(x) for x in args.shifts.split(",")]
     lengths = tuple(niah_eval.parse_length(x) for x in args.lengths.split(","))
     grid = niah_eval.Grid(TASKS, lengths, (0.0, 0.25, 0.5, 0.75, 1.0), 1, args.seed)
+    model, tokenizer = load_model(checkpoint=args.checkpoint)
     table = {}
     for shift in shifts:
-        model, tokenizer = load_model(checkpoint=args.checkpoint)
-        results = list(niah_eval.run(shifted(model, shift), tokenizer, grid, haystack=None, batch=5))
+        results = list(niah_eval.run(shifted(nnx.clone(model), shift), tokenizer, grid, haystack=None, batch=5))
         table[shift] = niah_eval.accuracy_table(results)
     print(f"{args.checkpoint}: accuracy % (passkey / S-NIAH-1) with the forget-gate bias shifted\n")
     print("| shift | " + " | ".join(map(str, lengths)) + " |")
