@@ -1,1 +1,2 @@
-"""Compute kernels of titans-jax: each op (memory, attention) has a plain reference, an XLA fast path and Pallas kernels behind one `impl=` switch."""
+"""`titans.kernels`: the compute kernels. Each op (`memory`, `attention`) has a plain reference, an
+XLA fast path and Pallas kernels behind one `impl=` switch; it imports nothing of the model."""

@@ -4,179 +4,38 @@
     python scripts/bench_model.py --full --write     # tiny and small at 1K/4K/16K, prefill 8K and 64K,
                                                      # decode after 16K; written to BENCHMARKS.md
 
-train: one jitted step (forward, next-token cross-entropy, gradients w.r.t. every parameter) on
-`[batch, seq]` tokens from a sequence start. prefill: `model.extend` over `seq` tokens in pieces of
-`--piece` (the state carried, logits of each piece discarded), timed after a warm-up piece.
-decode: after prefilling `--decode-context` tokens, one token per `extend` call (Python dispatch
-included: this is what a generation loop pays). Every case runs in its own process, so the peak
-RSS is that case's; "state MB" is the streaming state, whose size never depends on the length.
+What each mode times: `titans.train.bench.model`. Run from the checkout (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import statistics
-import sys
+from titans.train import cli
+from titans.train.bench.common import add_grid_args, grid_values
 
-from benchlib import (add_child_args, child_main, list_args, machine_line, peak_rss_mb, progress, repeat,
-                      run_in_child, timed, write_section)
-
-SECTION = "bench_model"
-VARIANTS = ("swa", "lmm", "mag", "mal", "mac")
-MODES = ("train", "prefill", "decode")
+GRID = {"presets": (str, "comma-separated preset names, e.g. tiny,small"),
+        "variants": (str, "comma-separated: swa,lmm,mag,mal,mac"),
+        "modes": (str, "comma-separated: train,prefill,decode"),
+        "seq_lens": (int, "training lengths, e.g. 1024,4096"),
+        "prefill_lens": (int, "prefill lengths, multiples of --piece")}
 
 
-@dataclasses.dataclass(frozen=True)
-class BenchModelConfig:
-    presets: tuple[str, ...] = ("tiny",)
-    variants: tuple[str, ...] = VARIANTS
-    modes: tuple[str, ...] = MODES
-    seq_lens: tuple[int, ...] = (1024,)  # training lengths
-    prefill_lens: tuple[int, ...] = (8192,)
-    piece: int = 2048
-    decode_context: int = 4096
-    decode_tokens: int = 32
-    batch: int = 1
-    iters: int = 3
-    budget_s: float = 30.0
-    write: bool = False
-
-    def __post_init__(self):
-        for name, allowed in (("variants", VARIANTS), ("modes", MODES)):
-            bad = set(getattr(self, name)) - set(allowed)
-            if bad:
-                raise ValueError(f"--{name} has unknown entries {sorted(bad)}; choose from {', '.join(allowed)}")
-        if min(self.seq_lens + self.prefill_lens + (self.piece, self.decode_context, self.decode_tokens)) < 1:
-            raise ValueError("lengths, --piece and decode counts must be positive")
-        if any(n % self.piece for n in self.prefill_lens + (self.decode_context,)):
-            raise ValueError(f"prefill lengths and --decode-context must be multiples of --piece {self.piece}")
-
-    def cases(self) -> list[dict]:
-        out = []
-        for preset in self.presets:
-            for variant in self.variants:
-                lengths = dict(train=self.seq_lens, prefill=self.prefill_lens, decode=(self.decode_context,))
-                for mode in self.modes:
-                    out += [dict(preset=preset, variant=variant, mode=mode, seq=n) for n in lengths[mode]]
-        return out
-
-
-def run_case(case: dict, cfg: BenchModelConfig) -> dict:
-    """One case, in this (child) process."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    import titans
-
-    model = titans.TitansLM(titans.load_preset(case["preset"], variant=case["variant"]), rngs=nnx.Rngs(0))
-    vocab, seq, batch = model.config.vocab_size, case["seq"], cfg.batch
-    tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, vocab)
-    state_mb = sum(x.nbytes for x in jax.tree.leaves(model.init_state(batch))) / 2**20
-    xla_temp_mb = None
-
-    if case["mode"] == "train":
-        graph, params = nnx.split(model)
-
-        def loss(p, t):
-            logits = nnx.merge(graph, p)(t[:, :-1])
-            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), t[:, 1:, None], axis=-1))
-
-        compiled = jax.jit(jax.value_and_grad(loss)).lower(params, tokens).compile()
-        mem = compiled.memory_analysis()
-        xla_temp_mb = round(mem.temp_size_in_bytes / 2**20, 1) if mem is not None else None
-        first, times = repeat(lambda: jax.block_until_ready(compiled(params, tokens)), cfg.iters, cfg.budget_s)
-        seconds, counted = statistics.median(times), batch * seq
-    else:
-        def stream(state, length):
-            for i in range(0, length, cfg.piece):
-                logits, state = model.extend(tokens[:, i : i + cfg.piece], state)
-                jax.block_until_ready(logits)  # one piece in flight: memory stays that of one piece
-            return state
-
-        warm = stream(model.init_state(batch), cfg.piece)  # compiles the piece shape
-        if case["mode"] == "prefill":
-            first = 0.0
-            times = [timed(lambda: stream(model.init_state(batch), seq))]
-            seconds, counted = times[0], batch * seq
-        else:
-            state = stream(model.init_state(batch), seq)
-            step = lambda s: model.extend(tokens[:, seq : seq + 1], s)
-            first = timed(lambda: jax.block_until_ready(step(warm)))  # compiles the decode shape
-            step(state)
-
-            def decode():
-                s = state
-                for _ in range(cfg.decode_tokens):
-                    logits, s = step(s)
-                jax.block_until_ready(logits)
-
-            times = [timed(decode)]
-            seconds, counted = times[0], batch * cfg.decode_tokens
-    return dict(case, status="ok", first_call_s=round(first, 3), n_timed=len(times), seconds=round(seconds, 4),
-                tokens_per_s=round(counted / seconds, 1), xla_temp_mb=xla_temp_mb, peak_rss_mb=peak_rss_mb(),
-                state_mb=round(state_mb, 2), params=titans.count_params(model.config))
-
-
-def table(rows: list[dict]) -> str:
-    lines = ["| preset | variant | mode | tokens | tokens/s | XLA temp MB | peak RSS MB | state MB |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        label = f"| {r['preset']} | {r['variant']} | {r['mode']} | {r['seq']} |"
-        if r.get("status") != "ok":
-            lines.append(f"{label} {r['status']} | | | |")
-            continue
-        temp = "" if r["xla_temp_mb"] is None else r["xla_temp_mb"]
-        lines.append(f"{label} {r['tokens_per_s']:.0f} | {temp} | {r['peak_rss_mb']:.0f} | {r['state_mb']:.2f} |")
-    return "\n".join(lines)
-
-
-def main(cfg: BenchModelConfig) -> list[dict]:
-    rows = [run_in_child(__file__, case, dataclasses.asdict(cfg)) for case in progress(cfg.cases(), "bench_model")]
-    argv = " ".join(sys.argv[1:])
-    text = (
-        f"Command: `python scripts/bench_model.py {argv}`  \n{machine_line()}  \n"
-        f"Batch {cfg.batch}; float32; prefill in pieces of {cfg.piece}; decode = {cfg.decode_tokens} tokens, one "
-        f"per `extend`, after {cfg.decode_context} tokens of context. train = forward + backward of the "
-        "next-token loss from a sequence start. Peak RSS = the case's whole process (JAX runtime included)."
-        "\n\n" + table(rows)
-    )
-    print(text)
-    if cfg.write:
-        write_section(text, SECTION)
-        print("wrote BENCHMARKS.md")
-    return rows
-
-
-def parse_args(argv=None) -> BenchModelConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None):
+    p = cli.parser(__doc__)
     p.add_argument("--full", action="store_true", help="tiny and small, 1K/4K/16K, prefill 8K/64K, decode after 16K")
-    p.add_argument("--presets", help="comma-separated preset names, e.g. tiny,small")
-    p.add_argument("--variants", help="comma-separated: swa,lmm,mag,mal,mac")
-    p.add_argument("--modes", help="comma-separated: train,prefill,decode")
-    p.add_argument("--seq-lens", help="training lengths, e.g. 1024,4096")
-    p.add_argument("--prefill-lens", help="prefill lengths, multiples of --piece")
     p.add_argument("--piece", type=int, default=2048)
     p.add_argument("--decode-context", type=int)
-    p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
-    add_child_args(p)
+    add_grid_args(p, GRID)
     args = p.parse_args(argv)
+
+    from titans.train.bench import model
+
     kw = {}
     if args.full:
         kw.update(presets=("tiny", "small"), seq_lens=(1024, 4096, 16384), prefill_lens=(8192, 65536),
                   decode_context=16384)
-    kw.update(list_args(args, ("presets", "variants", "modes")), **list_args(args, ("seq_lens", "prefill_lens"), int))
-    if args.decode_context:
-        kw["decode_context"] = args.decode_context
-    return BenchModelConfig(piece=args.piece, iters=args.iters, write=args.write, **kw)
+    kw |= grid_values(args, GRID) | ({"decode_context": args.decode_context} if args.decode_context else {})
+    return model.main(model.BenchModelConfig(piece=args.piece, **kw))
 
 
 if __name__ == "__main__":
-    if not child_main(sys.argv, run_case, BenchModelConfig):
-        try:
-            config = parse_args()
-        except ValueError as e:
-            sys.exit(f"bench_model: {e}")
-        main(config)
+    cli.run("bench_model", main)

@@ -4,34 +4,27 @@ and prints tokens/s at the end."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import jax  # noqa: E402
-
-from titans.sampling import generate  # noqa: E402
-from train.trainer import TrainError, load_model  # noqa: E402
+from titans.train import cli
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="an exported model folder")
-    src.add_argument("--checkpoint", help="a run folder of scripts/train.py (its newest checkpoint)")
+def main(argv=None) -> str:
+    p = cli.parser(__doc__)
+    cli.add_model_args(p)
     p.add_argument("--prompt", default="The ")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
 
+    import jax
 
-def main(args: argparse.Namespace) -> str:
-    model, tokenizer = load_model(args.model, args.checkpoint)
+    from titans.sampling import generate
+
+    model, tokenizer, _ = cli.load_model(args, log=lambda s: print(s, file=sys.stderr))
     prompt = tokenizer.encode(args.prompt)
     if len(prompt) == 0:
         raise ValueError("--prompt must not be empty")
@@ -56,7 +49,4 @@ def main(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (TrainError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"generate: {err}")
+    cli.run("generate", main)

@@ -1,62 +1,28 @@
 """Compare training runs: `python scripts/report_runs.py runs/small-swa runs/small-mac [--write SECTION]`.
 
 Prints (and with --write, puts into BENCHMARKS.md under SECTION) a markdown table of each run's
-training loss (mean over the logged steps of each window), held-out loss and bits per byte at
-every evaluation, tokens/s and its model/variant, from the runs' metrics.jsonl and run.json.
+training loss, held-out loss and bits per byte at every evaluation, and tokens/s.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import sys
 from pathlib import Path
 
-from benchlib import machine_line, write_section
+from titans.train import cli
 
 
-def load(run_dir: Path) -> tuple[dict, list[dict]]:
-    run = json.loads((run_dir / "run.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return run, rows
+def main(argv=None) -> str:
+    p = cli.parser(__doc__)
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--write", metavar="SECTION", help="write the table into BENCHMARKS.md under this section name")
+    args = p.parse_args(argv)
 
+    from titans.train.bench.runs import report
 
-def table(run_dirs: list[Path]) -> str:
-    runs = {d: load(d) for d in run_dirs}
-    evals = sorted({r["step"] for _, rows in runs.values() for r in rows if "valid_loss" in r})
-    head = "| run | variant | params (preset) | tokens/s | " + " | ".join(f"step {s}: train / held-out loss, bpb" for s in evals) + " |"
-    lines = [head, "|" + "---|" * (4 + len(evals))]
-    for d, (run, rows) in runs.items():
-        train = [r for r in rows if "loss" in r]
-        speed = statistics.median(r["tokens_per_s"] for r in train[1:]) if len(train) > 1 else float("nan")
-        cells = []
-        for i, s in enumerate(evals):
-            lo = evals[i - 1] if i else 0
-            window = [r["loss"] for r in train if lo < r["step"] <= s]
-            ev = next((r for r in rows if r.get("step") == s and "valid_loss" in r), None)
-            cells.append(f"{statistics.mean(window):.3f} / {ev['valid_loss']:.3f}, {ev['valid_bpb']:.3f}"
-                         if window and ev else "")
-        model = run["model"]
-        lines.append(f"| {d.name} | {model['variant']} | d_model {model['d_model']}, {model['n_layers']} blocks | "
-                     f"{speed:.0f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def main(args: argparse.Namespace) -> str:
-    dirs = [Path(d) for d in args.runs]
-    missing = [str(d) for d in dirs if not (d / "metrics.jsonl").is_file()]
-    if missing:
-        raise SystemExit(f"report_runs: no metrics.jsonl in {', '.join(missing)}")
-    text = f"Runs: {' '.join(map(str, dirs))}  \n{machine_line()}\n\n{table(dirs)}"
+    text = report([Path(d) for d in args.runs], args.write)
     print(text)
-    if args.write:
-        write_section(text, args.write)
     return text
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+")
-    p.add_argument("--write", metavar="SECTION", help="write the table into BENCHMARKS.md under this section name")
-    main(p.parse_args(sys.argv[1:]))
+    cli.run("report_runs", main)

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import jax.numpy as jnp
 
-from kernels.memory import MemoryState
-from kernels.memory.common import layer_shapes
+from titans.kernels.memory import MemoryState
+from titans.kernels.memory.common import layer_shapes
 
 
 def pairwise(factors: dict[str, list[Any]], seed: int = 0, tries: int = 64) -> list[dict[str, Any]]:

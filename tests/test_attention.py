@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.attention import sliding_window_attention
-from kernels.attention.blockwise import sliding_window_attention_blockwise
+from titans.kernels.attention import sliding_window_attention
+from titans.kernels.attention.blockwise import sliding_window_attention_blockwise
 from titans.attention import apply_rope, rope_angles
 
 IMPLS = ("reference", "blockwise", "pallas")
@@ -102,6 +102,27 @@ def test_gradients_match_reference(impl, prefix, start):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5 * float(np.max(np.abs(r))), rtol=0)
 
 
+@pytest.mark.parametrize("length, prefix, start", [(13, 0, 0), (5, 7, 3), (13, 7, 40)])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_aligned_stream_is_one_softmax_over_both_streams(impl, length, prefix, start):
+    """`aligned_kv`: a second key/value stream at the same positions as k, v (MAC's retrievals beside
+    its tokens): the masked softmax over [slots | k | k2], values and gradients (of both streams)."""
+    window, block = 8, 4
+    q, k, v, persistent = draw(length, prefix, 3, seed=length + start)
+    _, k2, v2, _ = draw(length, prefix, None, seed=100 + length + start)
+    q_pos = start + np.arange(length)
+    k_pos = start - prefix + np.arange(prefix + length)
+    want = softmax_reference(q, np.concatenate([k, k2], 1), np.concatenate([v, v2], 1), q_pos,
+                             np.concatenate([k_pos, k_pos]), window, persistent)
+    attend = lambda impl: lambda q, k, v, k2, v2: sliding_window_attention(
+        q, k, v, window=window, start=start, persistent=persistent, aligned_kv=(k2, v2), block=block, impl=impl)
+    np.testing.assert_allclose(np.asarray(attend(impl)(q, k, v, k2, v2)), want, atol=2e-6, rtol=0)
+    w = jax.random.normal(jax.random.key(9), q.shape)
+    grads = lambda impl: jax.grad(lambda *a: jnp.sum(w * attend(impl)(*a)), argnums=range(5))(q, k, v, k2, v2)
+    for g, r in zip(grads(impl), grads("reference")):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5 * float(np.max(np.abs(r))), rtol=0)
+
+
 def test_bad_shapes_and_impls_fail_in_one_line():
     q, k, v, _ = draw(5, 0, None)
     with pytest.raises(ValueError, match="keys hold 12 tokens before the queries, expected 0 .. window - 1 = 7"):
@@ -109,6 +130,8 @@ def test_bad_shapes_and_impls_fail_in_one_line():
                                  window=8, start=0)
     with pytest.raises(ValueError, match="impl must be one of"):
         sliding_window_attention(q, k, v, window=8, start=0, impl="cudnn")
+    with pytest.raises(ValueError, match="aligned_kv must be shaped like k, v"):
+        sliding_window_attention(q, k, v, window=8, start=0, aligned_kv=(k[:, 1:], v[:, 1:]))
     with pytest.raises(ValueError, match="impl='pallas'\\) cannot compile this shape: head_dim is 8"):
         sliding_window_attention(q, k, v, window=8, start=0, impl="pallas", interpret=False)
 

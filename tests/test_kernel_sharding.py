@@ -15,8 +15,8 @@ SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from kernels.attention import sliding_window_attention
-    from kernels.memory import memory_scan
+    from titans.kernels.attention import sliding_window_attention
+    from titans.kernels.memory import memory_scan
     from tests.memory_cases import random_inputs, state_of
 
     assert jax.device_count() == 4, jax.devices()

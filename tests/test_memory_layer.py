@@ -11,16 +11,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kernels.memory import MemoryState
-from titans.memory_layer import MemoryLayer, MemoryLayerConfig, MemoryLayerState
+from titans.config import MemoryConfig
+from titans.configfile import ConfigError
+from titans.kernels.memory import MemoryState
+from titans.memory_layer import MemoryLayer, MemoryLayerState, Telemetry, record
 
 B, T, D_MODEL = 2, 16, 16
 
 
-def make(seed: int = 0, **overrides) -> MemoryLayer:
-    kwargs = dict(d_model=D_MODEL, num_heads=2, head_dim=8, depth=2, expansion=2, chunk_size=4, impl="chunked")
+def make(seed: int = 0, dtype=jnp.float32, **overrides) -> MemoryLayer:
+    kwargs = dict(heads=2, head_dim=8, depth=2, expansion=2, chunk_size=4, impl="chunked")
     kwargs.update(overrides)
-    return MemoryLayer(MemoryLayerConfig(**kwargs), rngs=nnx.Rngs(seed))
+    return MemoryLayer(MemoryConfig(**kwargs), D_MODEL, dtype=dtype, rngs=nnx.Rngs(seed))
 
 
 def inputs(seq: int = T, seed: int = 1) -> jax.Array:
@@ -64,9 +66,9 @@ def test_shapes_state_and_defaults():
     assert all(not np.any(c) for c in init.conv) and int(init.memory.offset) == 0
     np.testing.assert_array_equal(layer(x, init)[0], o)
 
-    assert MemoryLayerConfig(d_model=8, num_heads=1, head_dim=8, depth=1).use_residual_norm is False
-    assert MemoryLayerConfig(d_model=8, num_heads=1, head_dim=8, depth=2).use_residual_norm is True
-    assert MemoryLayerConfig(d_model=8, num_heads=1, head_dim=8, depth=1, residual_norm=True).use_residual_norm
+    assert MemoryConfig(heads=1, head_dim=8, depth=1).use_residual_norm is False
+    assert MemoryConfig(heads=1, head_dim=8, depth=2).use_residual_norm is True
+    assert MemoryConfig(heads=1, head_dim=8, depth=1, residual_norm=True).use_residual_norm
 
 
 def test_every_param_has_logical_sharding_names():
@@ -202,27 +204,33 @@ def test_bfloat16_matmuls_reach_the_scan():
     assert 1e-6 < err < 2e-2, err
 
 
-def test_sow_gate_means_only_under_capture():
+def test_record_collects_gate_means_and_gates_for_one_call_only():
     layer = make()
     x = inputs()
-    _, intermediates = nnx.capture(layer, nnx.Intermediate)(x)
-    (means,) = intermediates["memory"]["gate_means"].get_value()
-    for name, gate in zip(("theta", "eta", "alpha"), layer.memory.gates(x)):
-        np.testing.assert_allclose(means[name], gate.mean(), rtol=1e-6)
     before = jax.tree.structure(nnx.state(layer))
-    layer(x)  # outside a capture: nothing is added to the module's state
-    assert jax.tree.structure(nnx.state(layer)) == before
+    (o, _), (records,) = record(layer, lambda m: m(x), telemetry=Telemetry(gate_means=True, gates=True))
+    gates = layer.memory.gates(x)
+    (means,) = records["gate_means"]
+    for name, gate in zip(("theta", "eta", "alpha"), gates):
+        np.testing.assert_allclose(means[name], gate.mean(), rtol=1e-6)
+    (recorded,) = records["gates"]
+    for got, want in zip(recorded, gates):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(o, layer(x)[0])  # recording changes nothing computed
+    _, (nothing,) = record(layer, lambda m: m(x), telemetry=Telemetry())
+    assert nothing == {}
+    assert layer.memory.telemetry == Telemetry()  # off again after the call
+    assert jax.tree.structure(nnx.state(layer)) == before  # and nothing was added to the module's state
 
 
 @pytest.mark.parametrize(
     "field, value",
-    [("depth", 0), ("depth", 5), ("activation", "relu"), ("d_model", 0), ("num_heads", -1), ("head_dim", 0),
+    [("depth", 0), ("depth", 5), ("activation", "relu"), ("heads", -1), ("head_dim", 0),
      ("expansion", 0), ("chunk_size", 0), ("conv_kernel", 0), ("head_dim", 8.0), ("max_lr", 0.0),
      ("theta_init", 0.2), ("eta_init", 1.0), ("alpha_init", 0.0), ("impl", "cuda"), ("residual_norm", 1),
-     ("per_layer_lr", "yes"), ("dtype", jnp.int32), ("param_dtype", jnp.bfloat16), ("matmul_dtype", "float16")],
+     ("per_layer_lr", "yes"), ("matmul_dtype", "float16")],
 )
 def test_config_validation(field, value):
-    base = dict(d_model=16, num_heads=2, head_dim=8)
-    with pytest.raises(ValueError, match=rf"MemoryLayerConfig\.{field} "):
-        MemoryLayerConfig(**{**base, field: value})
-    dataclasses.replace(MemoryLayerConfig(**base))  # the base itself is valid
+    with pytest.raises(ConfigError, match=rf"^model\.memory\.{field} [^\n]*$"):
+        MemoryConfig(**{field: value})
+    dataclasses.replace(MemoryConfig())  # the defaults are valid

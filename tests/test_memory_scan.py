@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.memory import MemoryState, memory_scan
+from titans.kernels.memory import MemoryState, memory_scan
 from tests.memory_cases import hand_loop, pairwise, random_inputs, state_of
+from titans.train.bench.common import max_rel_err
 
 ARGS = ("q", "k", "v", "theta", "eta", "alpha")
 # The fast paths held to the oracle; "pallas" runs its kernels in interpret mode on CPU.
@@ -24,11 +25,6 @@ FAST_IMPLS = ("chunked", "pallas")
 # LayerNorm inside deep memory amplifies to ~1e-5 (spec section 2, "Conditioning").
 X64_TOL = 1e-9
 F32_TOL = 2e-4
-
-
-def max_rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.max(np.abs(got - want)) / max(1.0, float(np.max(np.abs(want)))))
 
 
 def assert_trees_close(got, want, tol, what=""):
@@ -105,28 +101,33 @@ def to_f32(tree):
     return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-@pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("index", range(len(VALUE_CASES)), ids=[_case_id(c) for c in VALUE_CASES])
-def test_fast_impl_matches_reference_values(index, impl):
+def test_fast_impls_match_reference_values(index):
+    """Each fast impl against the token loop on one case (the reference computed once for both)."""
     case = VALUE_CASES[index]
     with jax.enable_x64(True):
         body, state, kw = _setup(case, seed=index)
         if state is None:
             y_ref, s_ref = run_fresh("reference", body, **kw)
-            y, s = run_fresh(impl, body, **kw)
-            y_traced, s_traced = run(impl, state_of(body), body, **kw)
-            assert_trees_close((y_traced, s_traced[:3]), (y_ref, s_ref[:3]), X64_TOL, f"{impl}, traced offset")
         else:
             y_ref, s_ref = run("reference", state, body, **kw)
-            y, s = run(impl, state, body, **kw)
-        assert y.dtype == y_ref.dtype == jnp.float64
-        assert_trees_close(y, y_ref, X64_TOL, "y")
-        assert_trees_close(s[:3], s_ref[:3], X64_TOL, "state")
-        assert int(s.offset) == int(s_ref.offset)
+        assert y_ref.dtype == jnp.float64
+        for impl in FAST_IMPLS:
+            if state is None:
+                y, s = run_fresh(impl, body, **kw)
+                y_traced, s_traced = run(impl, state_of(body), body, **kw)
+                assert_trees_close((y_traced, s_traced[:3]), (y_ref, s_ref[:3]), X64_TOL, f"{impl}, traced offset")
+            else:
+                y, s = run(impl, state, body, **kw)
+            assert y.dtype == jnp.float64
+            assert_trees_close(y, y_ref, X64_TOL, f"{impl} y")
+            assert_trees_close(s[:3], s_ref[:3], X64_TOL, f"{impl} state")
+            assert int(s.offset) == int(s_ref.offset), impl
     body32 = {n: to_f32(x) if n != "mask" else x for n, x in body.items()}
-    y32, s32 = run(impl, to_f32(state) if state is not None else state_of(body32), body32, **kw)
-    assert y32.dtype == s32.weights[0].dtype == jnp.float32
-    assert_trees_close((y32, s32[:3]), (y_ref, s_ref[:3]), F32_TOL, f"float32 {impl} vs float64 reference")
+    for impl in FAST_IMPLS:
+        y32, s32 = run(impl, to_f32(state) if state is not None else state_of(body32), body32, **kw)
+        assert y32.dtype == s32.weights[0].dtype == jnp.float32
+        assert_trees_close((y32, s32[:3]), (y_ref, s_ref[:3]), F32_TOL, f"float32 {impl} vs float64 reference")
 
 
 GRAD_CASES = [
@@ -151,14 +152,13 @@ def _scalar_loss(impl, inputs, offset, kw, weights, momentum, anchor, *args):
     return sum(jnp.sum(x * jax.random.normal(kk, x.shape, x.dtype)) for kk, x in zip(keys, leaves))
 
 
-@pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"L{c['depth']}-b{c['chunk']}-T{c['seq']}-o{c['start']}")
-def test_fast_impl_matches_reference_gradients(case, impl):
+def test_fast_impls_match_reference_gradients(case):
     with jax.enable_x64(True):
-        _check_gradients(case, impl)
+        _check_gradients(case)
 
 
-def _check_gradients(case, impl):
+def _check_gradients(case):
     b = case["chunk"]
     inputs = random_inputs(
         11, seq=case["start"] + case["seq"], depth=case["depth"], per_layer=case["per_layer"],
@@ -169,16 +169,17 @@ def _check_gradients(case, impl):
     state = prefix_state(inputs, case["start"], **kw) if case["start"] else state_of(body)
     primals = (state.weights, state.momentum, state.anchor, *(jnp.asarray(body[n]) for n in ARGS))
     grads = {}
-    for which in ("reference", impl):
+    for which in ("reference", *FAST_IMPLS):
         loss = functools.partial(_scalar_loss, which, body, int(state.offset), kw)
         grads[which] = jax.jit(jax.grad(loss, argnums=tuple(range(len(primals)))))(*primals)
     names = ("weights", "momentum", "anchor") + ARGS
-    for name, g_ref, g in zip(names, grads["reference"], grads[impl]):
-        assert_trees_close(g, g_ref, X64_TOL, f"d/d{name}")
-        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g))
-    # The inputs reach the outputs, so a zero gradient would mean a dropped term.
-    for name, g in zip(names[3:], grads[impl][3:]):
-        assert float(jnp.max(jnp.abs(g))) > 0, name
+    for impl in FAST_IMPLS:
+        for name, g_ref, g in zip(names, grads["reference"], grads[impl]):
+            assert_trees_close(g, g_ref, X64_TOL, f"{impl} d/d{name}")
+            assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g))
+        # The inputs reach the outputs, so a zero gradient would mean a dropped term.
+        for name, g in zip(names[3:], grads[impl][3:]):
+            assert float(jnp.max(jnp.abs(g))) > 0, f"{impl} {name}"
 
 
 @pytest.mark.parametrize(

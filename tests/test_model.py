@@ -4,6 +4,7 @@ state, gradients everywhere; MAC against a plain segment-by-segment oracle."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -14,10 +15,12 @@ import pytest
 from flax import nnx
 
 import titans
-from kernels.memory.common import memory_apply
+from titans.config import MemoryConfig
+from titans.kernels.memory import memory_apply
 from titans.attention import apply_rope, rope_angles
 from titans.layers import l2_normalize
 from titans.mixers import MAC, segment_plan
+from titans.memory_layer import Telemetry, record
 from titans.model import TitansLM
 
 VARIANTS = ("swa", "lmm", "mag", "mal", "mac")
@@ -25,9 +28,14 @@ B, T = 2, 64
 PIECES = (13, 1, 1, 20, 5, 24)  # crosses chunk (4), window (16) and segment (16) boundaries
 
 
+MEMORY_FIELDS = {f.name for f in dataclasses.fields(MemoryConfig)}
+
+
 @functools.cache
 def build(variant: str, **overrides):
-    cfg = titans.load_preset("tiny", variant=variant, **overrides)
+    """The tiny preset's model (keyword overrides of model fields, or of the memory's by their names)."""
+    memory = {k: overrides.pop(k) for k in list(overrides) if k in MEMORY_FIELDS}
+    cfg = titans.load_preset("tiny", variant=variant, memory=memory, **overrides)
     model = TitansLM(cfg, rngs=nnx.Rngs(0))
     graph, params = nnx.split(model)
     forward = jax.jit(lambda p, t: nnx.merge(graph, p)(t))
@@ -116,14 +124,16 @@ def test_gradients_reach_every_parameter(variant):
             assert part in joined, part
 
 
-@pytest.mark.parametrize("variant", ["swa", "mag"])
+@pytest.mark.parametrize("variant", ["swa", "mag", "mac"])
 def test_pallas_attention_equals_blockwise_in_the_model(variant):
-    """model.attn_impl='pallas' (interpret mode on CPU; blocks of 8 over 64 tokens, window 16) gives
-    the blockwise model's logits and parameter gradients."""
+    """model.attn_impl='pallas' (interpret mode on CPU; blocks of 8 over 64 tokens, window 16, MAC
+    segments of 16) gives the blockwise model's logits and parameter gradients: every variant's
+    attention, MAC's segment attention included, goes through the kernel switch. One block: the
+    switch is per attention call, and compiling a second block costs the test as much again."""
     toks = tokens()
 
     def logits_and_grads(impl):
-        model, params, forward = build(variant, attn_impl=impl, attn_block=8)
+        model, params, forward = build(variant, attn_impl=impl, attn_block=8, n_layers=1)
         graph = nnx.graphdef(model)
         loss = lambda p: jnp.mean(nnx.merge(graph, p)(toks) ** 2)
         return forward(params, toks), jax.grad(loss)(params)
@@ -140,13 +150,13 @@ def test_mac_matches_plain_segment_oracle():
     model, _, _ = build("mac")
     mixer: MAC = model.blocks[0].mixer
     cfg = mixer.cfg
-    seg, heads, dim = cfg.segment_len, cfg.attn_heads, cfg.head_dim
+    seg, heads, dim = cfg.segment_len, cfg.attn_heads, cfg.attn_dim
     x = jax.random.normal(jax.random.key(3), (B, 40, cfg.d_model))  # 2.5 segments
     got, _ = jax.jit(lambda x: mixer(x, None, 0, segment_plan(0, 40, seg)))(x)
 
     xn = mixer.norm(x)
     q_r, _ = mixer.retrieval(xn)  # the conv runs across segment boundaries
-    q_r = l2_normalize(q_r.reshape(B, 40, cfg.mem_heads, cfg.mem_head_dim))
+    q_r = l2_normalize(q_r.reshape(B, 40, cfg.memory.heads, cfg.memory.head_dim))
     mcfg = mixer.memory.config
     state = mixer.memory.init_state(B)
     outs = []
@@ -249,30 +259,29 @@ def test_every_parameter_has_logical_axis_names(variant):
         assert any(name is not None for name in spec), jax.tree_util.keystr(path)
 
 
-def _gate_means(fn, *args):
-    out, sown = nnx.capture(fn, nnx.Intermediate)(*args)
-    by_layer = {path[:2]: var.get_value() for path, var in nnx.to_flat_state(sown) if path[-1] == "gate_means"}
-    return out, by_layer
-
-
-def test_mac_gate_means_from_the_segment_scan():
-    """MAC sows its gate means from outside the segment scan: two segments scanned give the mean of
-    the same segments run one call each (which sow directly)."""
+def test_mac_records_from_the_segment_scan():
+    """MAC records from outside its segment scan: two segments scanned give the mean of the gate
+    means, and the gates joined along the sequence, of the same segments run one call each."""
     model, _, _ = build("mac")
     seg = model.config.segment_len
     toks = tokens(length=2 * seg)
-    _, whole = _gate_means(lambda m, t: m(t), model, toks)
+    both = Telemetry(gate_means=True, gates=True)
+    _, whole = record(model, lambda m: m(toks), telemetry=both)
     state = model.init_state(B)
     halves = []
     for i in range(2):
-        (_, state), sown = _gate_means(lambda m, t, s: m.run(t, s), model, toks[:, i * seg : (i + 1) * seg], state)
-        halves.append(sown)
+        (_, state), layers = record(model, lambda m: m.run(toks[:, i * seg : (i + 1) * seg], state), telemetry=both)
+        halves.append(layers)
     assert len(whole) == model.config.n_layers
-    for layer, (means,) in whole.items():
-        assert halves[0][layer][0] != halves[1][layer][0]
+    for n, layer in enumerate(whole):
+        (means,) = layer["gate_means"]
+        first, second = halves[0][n]["gate_means"][0], halves[1][n]["gate_means"][0]
+        assert first != second
         for name in ("theta", "eta", "alpha"):
-            want = (halves[0][layer][0][name] + halves[1][layer][0][name]) / 2
-            np.testing.assert_allclose(means[name], want, rtol=1e-5)
+            np.testing.assert_allclose(means[name], (first[name] + second[name]) / 2, rtol=1e-5)
+        (gates,) = layer["gates"]
+        for g, a, b in zip(gates, halves[0][n]["gates"][0], halves[1][n]["gates"][0]):
+            np.testing.assert_allclose(g, np.concatenate([a, b], axis=1), rtol=1e-6)
 
 
 @pytest.mark.parametrize("variant", ["lmm", "mac"])

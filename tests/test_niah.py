@@ -14,11 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import niah_eval
-from train.config import ConfigError, DataConfig, load_run_config
-from train.data import niah, pipeline
-from train.data.tokenizer import ByteTokenizer
-from train.trainer import TrainError, train
+from tests.scripts import run_script
+from titans.configfile import ConfigError
+from titans.tokenizer import ByteTokenizer
+from titans.train.config import DataConfig, TrainError, load_run_config
+from titans.train.data import needles, pipeline
+from titans.train.eval import niah as niah_eval
+from titans.train.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TOK = ByteTokenizer()
@@ -27,11 +29,11 @@ NEEDLE = {"passkey": r"The pass key is (\d+)\.", "s-niah-1": r"magic numbers for
           "s-niah-2": r"magic numbers for [a-z-]+ is: (\d+)\.", "s-niah-3": r"magic uuids for [a-z-]+ is: ([0-9a-f-]{36})\."}
 
 
-@pytest.mark.parametrize("task", list(niah.TASKS))
+@pytest.mark.parametrize("task", list(needles.TASKS))
 @pytest.mark.parametrize("length", [600, 1000, 1537])
 def test_sample_has_exact_length_and_needle_at_depth(task, length):
     for depth in (0.0, 0.3, 1.0):
-        s = niah.make_sample(task, length, depth, seed=7, tokenizer=TOK, haystack=HAYSTACK)
+        s = needles.make_sample(task, length, depth, seed=7, tokenizer=TOK, haystack=HAYSTACK)
         assert s.tokens.shape == (length,) and s.tokens.dtype == np.int32
         text = TOK.decode(s.tokens)
         found = [m.group(1) for m in re.finditer(NEEDLE[task], text)]
@@ -46,16 +48,16 @@ def test_sample_has_exact_length_and_needle_at_depth(task, length):
         position = (s.needle_at - header) / filler
         # passkey: any token; S-NIAH: the nearest sentence end (one every ~20 tokens here)
         assert abs(position - depth) <= (0.01 if task == "passkey" else 30 / filler), (depth, position)
-    a, b = (niah.make_sample(task, length, 0.5, seed, TOK, HAYSTACK) for seed in (1, 2))
+    a, b = (needles.make_sample(task, length, 0.5, seed, TOK, HAYSTACK) for seed in (1, 2))
     assert a.expected != b.expected
-    assert np.array_equal(a.tokens, niah.make_sample(task, length, 0.5, 1, TOK, HAYSTACK).tokens)
+    assert np.array_equal(a.tokens, needles.make_sample(task, length, 0.5, 1, TOK, HAYSTACK).tokens)
 
 
 def test_lengths_below_the_prompt_fail():
-    need = niah.fixed_size("s-niah-3", TOK)
-    niah.make_sample("s-niah-3", need, 0.5, 0, TOK, HAYSTACK)
+    need = needles.fixed_size("s-niah-3", TOK)
+    needles.make_sample("s-niah-3", need, 0.5, 0, TOK, HAYSTACK)
     with pytest.raises(ValueError, match=f"use lengths >= {need}"):
-        niah.make_sample("s-niah-3", need - 50, 0.5, 0, TOK, HAYSTACK)
+        needles.make_sample("s-niah-3", need - 50, 0.5, 0, TOK, HAYSTACK)
     grid = niah_eval.Grid(("passkey",), (4096, 100), (0.5,))
     with pytest.raises(ValueError, match="length 100 is below the passkey prompt"):
         niah_eval.check_lengths(grid, TOK)
@@ -64,11 +66,11 @@ def test_lengths_below_the_prompt_fail():
 
 
 def test_scoring():
-    assert niah.score("passkey", "4217", " 4217. Remember")
-    assert not niah.score("passkey", "4217", " 42170")
-    assert not niah.score("passkey", "4217", " 17 then 4217")  # the first integer counts
-    assert niah.score("s-niah-3", "ab-CD", "it is AB-cd.")
-    assert not niah.score("s-niah-1", "1234567", " 123456")
+    assert needles.score("passkey", "4217", " 4217. Remember")
+    assert not needles.score("passkey", "4217", " 42170")
+    assert not needles.score("passkey", "4217", " 17 then 4217")  # the first integer counts
+    assert needles.score("s-niah-3", "ab-CD", "it is AB-cd.")
+    assert not needles.score("s-niah-1", "1234567", " 123456")
 
 
 def test_parse_and_format_lengths():
@@ -106,7 +108,7 @@ class ReaderModel:
 
 
 def test_runner_streams_whole_prompts_and_scores():
-    grid = niah_eval.Grid(tuple(niah.TASKS), (1500, 2048), (0.0, 0.5, 1.0), samples=2, seed=3)
+    grid = niah_eval.Grid(tuple(needles.TASKS), (1500, 2048), (0.0, 0.5, 1.0), samples=2, seed=3)
     results = list(niah_eval.run(ReaderModel(), TOK, grid, haystack=HAYSTACK, batch=4, piece=512))
     assert len(results) == 4 * 2 * 3 * 2
     assert all(r["correct"] for r in results), [r for r in results if not r["correct"]][:2]
@@ -115,7 +117,7 @@ def test_runner_streams_whole_prompts_and_scores():
     depth0 = [r for r in missed if r["depth"] == 0.0]
     assert depth0 and not any(r["correct"] for r in depth0)  # the needle was in the lost piece
     table = niah_eval.accuracy_table(results)
-    assert table == {t: {1500: 100.0, 2048: 100.0} for t in niah.TASKS}
+    assert table == {t: {1500: 100.0, 2048: 100.0} for t in needles.TASKS}
     md = niah_eval.markdown(missed, "t")
     assert "| passkey |" in md and "| 0% |" in md
 
@@ -174,31 +176,27 @@ def test_needle_config_is_validated():
 
 def test_script_smoke_and_errors(tmp_path):
     """A random tiny model end to end (results.json, results.md); bad inputs fail in one line."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import niah as script
-    finally:
-        sys.path.pop(0)
     hay = tmp_path / "hay.txt"
     hay.write_text("The rain had stopped. She walked to the village. " * 30)
     out = tmp_path / "out"
-    summary = script.main(script.parse_args(["--preset", "tiny", "--tasks", "passkey,s-niah-2", "--lengths", "512,1K",
-                                             "--depths", "2", "--haystack", str(hay), "--out", str(out),
-                                             "--no-progress", "--piece", "256"]))
+    code, stdout, stderr = run_script("niah", "--preset", "tiny", "--tasks", "passkey,s-niah-2", "--lengths", "512,1K",
+                                      "--depths", "2", "--haystack", str(hay), "--out", str(out), "--no-progress",
+                                      "--piece", "256")
+    assert code == 0, stderr
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["samples"]) == 2 * 2 * 2 and saved["tokenizer"] == "byte" and saved["peak_rss_mb"] > 0
-    assert set(saved["accuracy"]) == {"passkey", "s-niah-2"} and summary["variant"] == "mac"
-    assert "| s-niah-2 |" in (out / "results.md").read_text()
+    assert set(saved["accuracy"]) == {"passkey", "s-niah-2"} and saved["variant"] == "mac"
+    assert "| s-niah-2 |" in (out / "results.md").read_text() and "| s-niah-2 |" in stdout
     for args, message in [
         (["--preset", "tiny", "--tasks", "nope"], "unknown task 'nope'"),
         (["--preset", "tiny", "--lengths", "100"], "length 100 is below"),
         (["--checkpoint", str(tmp_path), "--set", "model.d_model=8"], "--set changes a preset"),
-        (["--checkpoint", str(tmp_path)], "is not a run folder"),
+        (["--checkpoint", str(tmp_path)], "is neither a run folder"),
     ]:
-        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "niah.py"), *args, "--out", str(tmp_path / "x")],
-                              capture_output=True, text=True)
-        assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [f"niah: {proc.stderr.strip()[6:]}"]
-        assert message in proc.stderr, proc.stderr
+        code, _, stderr = run_script("niah", *args, "--out", str(tmp_path / "x"))
+        assert code == 1 and len(stderr.strip().splitlines()) == 1 and stderr.startswith("niah: "), stderr
+        assert message in stderr, stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_script_runs_in_float64(tmp_path):

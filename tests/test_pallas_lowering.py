@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels.attention import sliding_window_attention
-from kernels.attention.pallas import sliding_window_attention_pallas
-from kernels.memory import MemoryState, memory_scan
-from kernels.memory.common import layer_shapes
-from kernels.memory.pallas import memory_scan_pallas
+from titans.kernels.attention import sliding_window_attention
+from titans.kernels.attention.pallas import sliding_window_attention_pallas
+from titans.kernels.memory import MemoryState, memory_scan
+from titans.kernels.memory.common import layer_shapes
+from titans.kernels.memory.pallas import memory_scan_pallas
 from tests.lowering import lower_for_cuda, triton_calls
 
 F32 = jnp.float32

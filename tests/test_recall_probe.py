@@ -1,18 +1,15 @@
-"""scripts/recall_probe.py: the episode rows are what the docstring says; a tiny run end to end; bad
-arguments fail in one line."""
+"""The recall probe (titans.train.eval.recall, scripts/recall_probe.py): the episode rows are what
+the docstring says; a tiny run end to end; bad arguments fail in one line."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
+import json
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import recall_probe  # noqa: E402
+from tests.scripts import run_script
+from titans.train.data.needles import NOISE
+from titans.train.eval import recall as recall_probe
 
 
 def test_rows_mark_exactly_the_recalled_digits():
@@ -21,7 +18,7 @@ def test_rows_mark_exactly_the_recalled_digits():
     for row, marks in zip(tokens, recalled):
         text = bytes(row.astype(np.uint8)).decode()
         key, noise, recall = text[:8], text[8:38], text[41:49]  # "KEY<30 bytes of noise> = KEY. "
-        assert key.isdigit() and recall == key and noise in recall_probe.niah.NOISE * 2 and text[38:41] == " = "
+        assert key.isdigit() and recall == key and noise in NOISE * 2 and text[38:41] == " = "
         assert text[49:51] == ". " and text[51:59].isdigit()
         # targets t + 1 that are recalled digits: positions 41..48 of the row
         assert np.array_equal(np.flatnonzero(marks[:60]), np.arange(40, 48))
@@ -29,13 +26,14 @@ def test_rows_mark_exactly_the_recalled_digits():
 
 
 def test_tiny_run_and_bad_arguments(tmp_path):
-    args = recall_probe.parse_args(["--config", "tiny", "--set", "model.variant=swa", "--gap", "4", "--steps", "2",
-                                    "--batch", "2", "--seq-len", "64", "--log-every", "1", "--out", str(tmp_path)])
-    result = recall_probe.main(args)
-    assert result["step"] == 2 and 0 <= result["recall_acc"] <= 1 and result["recall_nll"] > 0
-    assert len((tmp_path / "probe.jsonl").read_text().splitlines()) == 2
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "recall_probe.py"), "--gap", "300", "--seq-len", "64"],
-                          capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines() == [
+    code, stdout, stderr = run_script("recall_probe", "--config", "tiny", "--set", "model.variant=swa", "--gap", "4",
+                                      "--steps", "2", "--batch", "2", "--seq-len", "64", "--log-every", "1",
+                                      "--out", str(tmp_path))
+    assert code == 0, stderr
+    rows = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and stdout.count("recall accuracy") == 2
+    assert 0 <= rows[-1]["recall_acc"] <= 1 and rows[-1]["recall_nll"] > 0
+    code, _, stderr = run_script("recall_probe", "--gap", "300", "--seq-len", "64")
+    assert code == 1
+    assert stderr.strip().splitlines() == [
         "recall_probe: --seq-len 64 holds less than two episodes of gap 300: use --seq-len >= 642"]

@@ -11,12 +11,13 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
-    from titans.memory_layer import MemoryLayer, MemoryLayerConfig
+    from titans.config import MemoryConfig
+    from titans.memory_layer import MemoryLayer
     from titans.sharding import logical_shardings
 
     assert jax.device_count() == 4, jax.devices()
-    cfg = MemoryLayerConfig(d_model=32, num_heads=4, head_dim=8, expansion=2, chunk_size=4, impl="chunked")
-    graph, params = nnx.split(MemoryLayer(cfg, rngs=nnx.Rngs(0)))
+    cfg = MemoryConfig(heads=4, head_dim=8, expansion=2, chunk_size=4, impl="chunked")
+    graph, params = nnx.split(MemoryLayer(cfg, 32, rngs=nnx.Rngs(0)))
     x = jax.random.normal(jax.random.key(1), (2, 11, 32))
 
     def loss(p, x):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -16,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.config import DataConfig, load_run_config
-from train.data import corpus, pipeline
-from train.data.tokenizer import ByteTokenizer
-from train.trainer import TrainError, load_split, train
+from titans.loading import restore_trained
+from titans.tokenizer import ByteTokenizer
+from titans.train.config import TrainError, load_run_config
+from titans.train.data import corpus, pipeline
+from titans.train.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = 60  # long enough (20 checkpoints) that the signal lands mid-run
+STEPS = 24  # long enough (8 checkpoints) that the signal, sent as soon as 6 steps are logged, lands mid-run
 WORDS = "the memory writes what surprises it and forgets what it no longer needs while attention reads".split()
 
 
@@ -76,7 +78,7 @@ def test_pipeline_is_deterministic_and_sharded(text_corpus):
     assert not starts(batches(0, 0, 2, 3)) & starts(batches(0, 1, 2, 3))
     # A flat folder is split by document: every document in exactly one side.
     flat = [t for _, t in corpus.read_documents(text_corpus / "train")]
-    train_texts, valid_texts = load_split(DataConfig(corpus=str(text_corpus / "train")), log=print)
+    train_texts, valid_texts = corpus.load_split(str(text_corpus / "train"), log=print)
     assert sorted(train_texts + valid_texts) == sorted(flat) and len(valid_texts) == 2
     assert not set(train_texts) & set(valid_texts)
 
@@ -88,7 +90,7 @@ def test_weighted_loss():
     from flax import nnx
 
     import titans
-    from train.trainer import next_token_loss
+    from titans.train.steps import next_token_loss
 
     model = titans.TitansLM(titans.load_preset("tiny", variant="swa"), rngs=nnx.Rngs(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 17)), jnp.int32)
@@ -118,7 +120,7 @@ def uninterrupted(text_corpus, tmp_path_factory) -> dict[int, float]:
     logged = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     gates = [(r["gate_theta"], r["gate_eta"], r["gate_alpha"]) for r in logged if "loss" in r]
     assert len(gates) == STEPS and len(set(gates)) > 1  # the gates are logged, and they train
-    assert all(0 < theta < run.model.max_lr and 0 < eta < 1 and 0 < alpha < 1 for theta, eta, alpha in gates)
+    assert all(0 < theta < run.model.memory.max_lr and 0 < eta < 1 and 0 < alpha < 1 for theta, eta, alpha in gates)
     return want
 
 
@@ -198,7 +200,7 @@ def test_bad_runs_fail_with_one_line_and_keep_the_run(text_corpus, tmp_path):
     empty = tmp_path / "empty"
     (empty / "train").mkdir(parents=True)
     (empty / "valid").mkdir()
-    with pytest.raises(TrainError, match="no training documents"):
+    with pytest.raises(corpus.CorpusError, match="no training documents"):
         train(load_run_config("tiny", [f"data.corpus={empty}"]), tmp_path / "r2", steps=1, progress=False)
     with pytest.raises(corpus.CorpusError, match="does not exist"):
         train(load_run_config("tiny", [f"data.corpus={tmp_path / 'nope'}"]), tmp_path / "r3", steps=1, progress=False)
@@ -216,15 +218,14 @@ def test_script_reports_config_errors_in_one_line(tmp_path):
 def test_export_load_generate(text_corpus, tmp_path):
     import jax
 
-    from titans.model import TitansLM
+    import titans
     from titans.pretrained import save_pretrained
-    from train.trainer import load_trained_model
 
     run_dir = tmp_path / "run"
     # half the rows dense recall episodes: the trainer's weighted path end to end
     recall = ["data.recall_fraction=0.5", "data.recall_max_gap=4"]
     train(load_run_config("tiny", overrides(text_corpus) + recall), run_dir, steps=3, progress=False, log=lambda s: None)
-    trained, run = load_trained_model(run_dir)
+    trained, _ = restore_trained(run_dir)
     tokens = jax.random.randint(jax.random.key(0), (2, 40), 0, 256)
     want = np.asarray(trained(tokens))
 
@@ -232,11 +233,21 @@ def test_export_load_generate(text_corpus, tmp_path):
                            "--out", str(tmp_path / "f32")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "f32").iterdir()) == ["config.json", "model.safetensors"]
-    loaded = TitansLM.from_pretrained(tmp_path / "f32")
+    loaded, tokenizer = titans.load(tmp_path / "f32")
+    assert tokenizer.name == "byte"
     assert np.array_equal(np.asarray(loaded(tokens)), want)  # float32 export: identical logits
 
+    # An export (and a run folder) written before the memory settings were nested still loads.
+    flat = json.loads((tmp_path / "f32" / "config.json").read_text())
+    renamed = ("heads", "head_dim", "depth", "expansion", "activation", "residual_norm", "impl", "matmul_dtype")
+    flat["model"].update({("mem_" + k if k in renamed else k): v for k, v in flat["model"].pop("memory").items()})
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "model.safetensors").write_bytes((tmp_path / "f32" / "model.safetensors").read_bytes())
+    (tmp_path / "old" / "config.json").write_text(json.dumps(flat))
+    assert np.array_equal(np.asarray(titans.load(tmp_path / "old")[0](tokens)), want)
+
     save_pretrained(trained, tmp_path / "bf16", dtype="bfloat16")
-    half = TitansLM.from_pretrained(tmp_path / "bf16")
+    half = titans.TitansLM.from_pretrained(tmp_path / "bf16")
     assert np.max(np.abs(np.asarray(half(tokens)) - want)) < 0.05 * np.max(np.abs(want))
     with pytest.raises(FileExistsError, match="already exists"):
         save_pretrained(trained, tmp_path / "bf16")
@@ -255,7 +266,7 @@ def test_export_load_generate(text_corpus, tmp_path):
         seeded = tmp_path / f"seeded-{source.name}"
         train(load_run_config("tiny", overrides(text_corpus) + [f"train.init_from={source}"]), seeded, steps=1,
               progress=False, log=lambda s: None)
-        got = nnx.to_flat_state(nnx.state(load_trained_model(seeded)[0], nnx.Param))
+        got = nnx.to_flat_state(nnx.state(titans.load(seeded)[0], nnx.Param))
         want = dict(nnx.to_flat_state(nnx.state(trained, nnx.Param)))
         assert all(np.array_equal(np.asarray(v[...]), np.asarray(want[k][...])) for k, v in got)
     other = load_run_config("tiny", overrides(text_corpus) + ["model.variant=swa", f"train.init_from={run_dir}"])
@@ -265,6 +276,14 @@ def test_export_load_generate(text_corpus, tmp_path):
         train(load_run_config("tiny", overrides(text_corpus) + [f"train.init_from={tmp_path}"]), tmp_path / "never",
               steps=1, progress=False, log=lambda s: None)
     assert not (tmp_path / "never").exists()
+
+    # A run folder whose run.json has the old flat memory keys resumes (same config, same stream).
+    run_json = json.loads((run_dir / "run.json").read_text())
+    run_json["model"] = flat["model"]
+    (run_dir / "run.json").write_text(json.dumps(run_json))
+    summary = train(load_run_config("tiny", overrides(text_corpus) + recall), run_dir, steps=4, progress=False,
+                    log=lambda s: None)
+    assert summary["step"] == 4 and sorted(losses(run_dir)) == [1, 2, 3, 4]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_corpus, tmp_path):
@@ -282,9 +301,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_corpus, tmp_path
         train(rarely_logged, out, steps=40, progress=False, log=lambda s: None)
     from flax import nnx
 
-    from train.trainer import load_trained_model
-
-    latest, _ = load_trained_model(out)
+    latest, _ = restore_trained(out)
     assert all(np.all(np.isfinite(np.asarray(v[...]))) for _, v in nnx.to_flat_state(nnx.state(latest, nnx.Param)))
 
 
@@ -298,7 +315,7 @@ def test_state_passing_step():
     from flax import nnx
 
     import titans
-    from train.trainer import Carry, train_step
+    from titans.train.steps import MemoryCarry, carried_start, token_nll, train_step
 
     def step(keep, carried=None):
         model = titans.TitansLM(titans.load_preset("tiny", variant="lmm"), rngs=nnx.Rngs(0))
@@ -306,9 +323,9 @@ def test_state_passing_step():
         tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 33)), jnp.int32)
         batch = {"tokens": tokens, "weights": jnp.ones((2, 32))}
         if keep is None:
-            return train_step(model, opt, batch), model
+            return train_step(model, opt, batch, 0.1), model
         carried = carried if carried is not None else model.memory_states(model.init_state(2))
-        return train_step(model, opt, batch, Carry(carried, jnp.asarray(keep))), model
+        return train_step(model, opt, batch, 0.1, MemoryCarry(carried, jnp.asarray(keep))), model
 
     (loss, _, _, none), plain = step(None)
     assert none is None
@@ -322,24 +339,52 @@ def test_state_passing_step():
     (loss1, _, _, _), _ = step([True, False], ends)
     assert abs(float(loss1) - float(loss)) > 1e-4
     # Per row: the kept row reads the carried memory, the other is exactly a fresh row.
-    from train.trainer import _nll, _start_state
-
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 33)), jnp.int32)
-    fresh = np.asarray(_nll(model0, tokens)[0])
-    mixed = np.asarray(_nll(model0, tokens, _start_state(model0, Carry(ends, jnp.asarray([True, False]))))[0])
+    fresh = np.asarray(token_nll(model0, tokens)[0])
+    mixed = np.asarray(token_nll(model0, tokens, carried_start(model0, MemoryCarry(ends, jnp.asarray([True, False]))))[0])
     np.testing.assert_allclose(mixed[1], fresh[1], rtol=1e-6, atol=1e-6)
     assert np.abs(mixed[0] - fresh[0]).max() > 1e-3
 
 
+class Compiles(logging.Handler):
+    """Counts the programs JAX lowers (with `jax_log_compiles`, one record each) by function name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def emit(self, record):
+        if record.getMessage().startswith("Compiling "):
+            self.names.append(record.getMessage().split()[1])
+
+    def __enter__(self):
+        import jax
+
+        self.logger = logging.getLogger("jax._src.interpreters.pxla")
+        self.logger.addHandler(self)
+        self.flag = jax.log_compiles(True)
+        self.flag.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.flag.__exit__(*exc)
+        self.logger.removeHandler(self)
+
+
 def test_state_passing_trains_and_checks_its_config(text_corpus, tmp_path):
-    from train.config import ConfigError
+    """A run with state passing trains (lmm; its step, with the carry, is this test's own program)
+    and compiles that step once: inputs placed otherwise than the step returns them would compile it
+    again at step 2."""
+    from titans.configfile import ConfigError
 
     run = load_run_config("tiny", overrides(text_corpus, state_passing=0.5) + ["model.variant=lmm"])
-    summary = train(run, tmp_path / "run", steps=4, progress=False, log=lambda s: None)
+    with Compiles() as compiles:
+        summary = train(run, tmp_path / "run", steps=4, progress=False, log=lambda s: None)
     assert summary["status"] == "done" and np.isfinite(summary["loss"])
+    assert compiles.names.count("jit(train_step)") == 1, compiles.names
     with pytest.raises(ConfigError, match="a swa model has none"):
         load_run_config("tiny", overrides(text_corpus, state_passing=0.5) + ["model.variant=swa"])
-    with pytest.raises(ConfigError, match="multiple of model.chunk_size"):
+    with pytest.raises(ConfigError, match="multiple of model.memory.chunk_size"):
         load_run_config("tiny", overrides(text_corpus, state_passing=0.5, seq_len=30))
     with pytest.raises(ConfigError, match=r"probability in \[0, 1\]"):
         load_run_config("tiny", overrides(text_corpus, state_passing=1.5))

@@ -12,28 +12,32 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     import titans
-    from train.config import TrainConfig
-    from train.trainer import Carry, global_batch, initial_memories, make_mesh, make_optimizer, shard_model, train_step
+    from titans.train.config import TrainConfig
+    from titans.train.mesh import global_batch, initial_memories, make_mesh, shard
+    from titans.train.steps import MemoryCarry, make_optimizer, train_step
 
     assert jax.device_count() == 4, jax.devices()
-    cfg = titans.load_preset("tiny", variant="mac")
+    cfg = titans.load_preset("tiny", variant="mac", n_layers=1)  # a second block adds compile time, not coverage
     rng = np.random.default_rng(0)
     batch = {"tokens": rng.integers(0, 256, (4, 33)).astype(np.int32),
              "weights": rng.uniform(0.5, 4, (4, 32)).astype(np.float32)}
 
     def run(mesh):
         model = titans.TitansLM(cfg, rngs=nnx.Rngs(0))
+        tx, schedule = make_optimizer(TrainConfig(steps=10, warmup_steps=1))
+        opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
         if mesh is not None:
-            shard_model(model, mesh)
-        opt = nnx.Optimizer(model, make_optimizer(TrainConfig(steps=10, warmup_steps=1))[0], wrt=nnx.Param)
+            shard(model, mesh)
+            shard(opt, mesh)
+        lrs = iter(float(schedule(i)) for i in range(4))
         x = jax.tree.map(jnp.asarray, batch) if mesh is None else global_batch(batch, mesh)
         put = jnp.asarray if mesh is None else lambda a: global_batch(a, mesh)
         with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():  # as the trainer does
-            out = [train_step(model, opt, x) for _ in range(2)]
+            out = [train_step(model, opt, x, next(lrs)) for _ in range(2)]
             # State passing: a first step that keeps nothing, then two of four rows carried.
             memories = initial_memories(model, 4, mesh) if mesh is not None else model.memory_states(model.init_state(4))
             for keep in ([False] * 4, [True, False, True, False]):
-                loss, norm, _, memories = train_step(model, opt, x, Carry(memories, put(np.asarray(keep))))
+                loss, norm, _, memories = train_step(model, opt, x, next(lrs), MemoryCarry(memories, put(np.asarray(keep))))
                 out.append((loss, norm))
         return [float(v) for step in out for v in step[:2]], model, x
 

@@ -1,7 +1,12 @@
-"""titans-jax models: the neural long-term memory layer and the Titans language models."""
+"""titans-jax: Titans language models (sliding-window attention beside a neural long-term memory)
+in JAX / Flax NNX. Subpackages: `titans.kernels` (the memory scan and attention ops), `titans.train`
+(training, evaluation, benchmarks), `titans.presets` (the preset YAML files)."""
 
-from titans.config import ConfigError, ModelConfig, load_preset, preset_names, read_config
+from titans.config import MemoryConfig, ModelConfig, load_preset
+from titans.configfile import ConfigError, preset_names, read_preset
+from titans.loading import load
+from titans.memory_layer import Telemetry, record
 from titans.model import ModelState, TitansLM, count_params
 
-__all__ = ["ConfigError", "ModelConfig", "ModelState", "TitansLM", "count_params", "load_preset", "preset_names",
-           "read_config"]
+__all__ = ["ConfigError", "MemoryConfig", "ModelConfig", "ModelState", "Telemetry", "TitansLM", "count_params",
+           "load", "load_preset", "preset_names", "read_preset", "record"]

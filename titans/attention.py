@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels.attention import sliding_window_attention
+from titans.kernels.attention import sliding_window_attention
 from titans.layers import dense
 from titans.sharding import sharded_init
 
@@ -67,18 +67,18 @@ class SlidingWindowAttention(nnx.Module):
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        width, dtype, pdtype = cfg.attn_width, cfg.compute_dtype, cfg.params_dtype
+        width, dtype, pdtype = cfg.attn_width, cfg.jnp_dtype, cfg.jnp_param_dtype
         kw = dict(dtype=dtype, param_dtype=pdtype, rngs=rngs)
         self.q_proj = dense(cfg.d_model, width, ("embed", "heads"), **kw)
         self.k_proj = dense(cfg.d_model, width, ("embed", "heads"), **kw)
         self.v_proj = dense(cfg.d_model, width, ("embed", "heads"), **kw)
         self.out_proj = dense(width, cfg.d_model, ("heads", "embed"), **kw)
-        self.persistent_k, self.persistent_v = persistent_slots(cfg.n_persistent, cfg.attn_heads, cfg.head_dim,
+        self.persistent_k, self.persistent_v = persistent_slots(cfg.n_persistent, cfg.attn_heads, cfg.attn_dim,
                                                                 pdtype, rngs)
 
     def init_state(self, batch_size: int) -> AttentionCache:
         cfg = self.cfg
-        zeros = jnp.zeros((batch_size, cfg.window - 1, cfg.attn_heads, cfg.head_dim), cfg.compute_dtype)
+        zeros = jnp.zeros((batch_size, cfg.window - 1, cfg.attn_heads, cfg.attn_dim), cfg.jnp_dtype)
         return AttentionCache(zeros, zeros)
 
     def heads(self, x: jax.Array, cache: AttentionCache | None, start) -> tuple[jax.Array, AttentionCache]:
@@ -88,8 +88,8 @@ class SlidingWindowAttention(nnx.Module):
         """
         cfg = self.cfg
         batch, length, _ = x.shape
-        split = lambda u: u.reshape(batch, length, cfg.attn_heads, cfg.head_dim)
-        cos, sin = rope_angles(start + jnp.arange(length), cfg.head_dim, cfg.rope_base)
+        split = lambda u: u.reshape(batch, length, cfg.attn_heads, cfg.attn_dim)
+        cos, sin = rope_angles(start + jnp.arange(length), cfg.attn_dim, cfg.rope_base)
         q = apply_rope(split(self.q_proj(x)), cos, sin)
         k = apply_rope(split(self.k_proj(x)), cos, sin)
         v = split(self.v_proj(x))

@@ -37,10 +37,10 @@ class Block(nnx.Module):
     """`x += mixer(x); x += SwiGLU(RMSNorm(x))` (the mixer applies its own pre-norms)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+        kw = dict(**cfg.dtypes, rngs=rngs)
         self.mixer = MIXERS[cfg.variant](cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, **kw)
-        self.mlp = SwiGLU(cfg.d_model, cfg.hidden_dim, **kw)
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_width, **kw)
 
     def __call__(self, x, state, start, plan):
         delta, state = self.mixer(x, state, start, plan)
@@ -53,10 +53,10 @@ class TitansLM(nnx.Module):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config must be a ModelConfig (see titans.load_preset), got {type(config).__name__}")
         self.config = cfg = config
-        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+        kw = dict(**cfg.dtypes, rngs=rngs)
         # std 0.02 (GPT-2 / Llama): with a tied head the logits start at std ~0.02 * sqrt(d_model).
         self.embed = nnx.Embed(
-            cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+            cfg.vocab_size, cfg.d_model, **cfg.dtypes,
             embedding_init=sharded_init(nnx.initializers.normal(0.02), "vocab", "embed"), rngs=rngs,
         )
         self.blocks = nnx.List(Block(cfg, rngs=rngs) for _ in range(cfg.n_layers))
@@ -65,11 +65,11 @@ class TitansLM(nnx.Module):
 
     @classmethod
     def from_pretrained(cls, folder) -> TitansLM:
-        """A model from a folder written by `titans.pretrained.save_pretrained` (scripts/export.py)."""
-        from titans.config import from_dict
-        from titans.pretrained import load_params, read_config
+        """A model from a folder written by `titans.pretrained.save_pretrained` (scripts/export.py);
+        `titans.load(folder)` gives its tokenizer too."""
+        from titans.pretrained import load_params, read_export_config
 
-        model = cls(from_dict(ModelConfig, read_config(folder)["model"], "model"), rngs=nnx.Rngs(0))
+        model = cls(ModelConfig.from_dict(read_export_config(folder)["model"], saved=True), rngs=nnx.Rngs(0))
         load_params(model, folder)
         return model
 
@@ -85,7 +85,7 @@ class TitansLM(nnx.Module):
     def start_state(self, memories) -> ModelState:
         """A sequence start, like `run(tokens, None)`, except that each block's memory begins from
         `memories[i]` (a `MemoryLayerState`, its conv tails included) instead of `W^0`: no attention
-        context and position 0. Training with state passing (train/trainer.py) starts rows this way.
+        context and position 0. Training with state passing (`titans.train.steps`) starts rows this way.
         """
         if self.config.variant == "swa" or len(memories) != len(self.blocks):
             raise ValueError(f"start_state needs one memory state per block ({len(self.blocks)}), got "
@@ -161,9 +161,15 @@ def _run(graphdef, params, tokens, state, plan):
 
 
 def count_params(config: ModelConfig) -> int:
-    """Parameter count of a `TitansLM` for `config`, from shapes only (`nnx.eval_shape`: nothing allocated)."""
-    abstract = nnx.eval_shape(lambda: TitansLM(config, rngs=nnx.Rngs(0)))
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    """Parameter count of a `TitansLM` for `config`, from shapes only (`nnx.eval_shape`: nothing
+    allocated). The blocks are alike, so models of one and two blocks give the count at any depth
+    exactly; tracing the initialisation of a deep model costs seconds per block."""
+    def shapes_only(n_layers: int) -> int:
+        abstract = nnx.eval_shape(lambda: TitansLM(config.replace(n_layers=n_layers), rngs=nnx.Rngs(0)))
+        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+
+    one, two = shapes_only(1), shapes_only(2)
+    return one + (config.n_layers - 1) * (two - one)
 
 
 def recast(model: TitansLM, dtype: str, param_dtype: str) -> TitansLM:

@@ -1,7 +1,7 @@
 """Parameters-only model folders: `model.safetensors` (dotted parameter paths as keys) + `config.json`.
 
     save_pretrained(model, "out/", dtype="float32", tokenizer="byte")
-    model = TitansLM.from_pretrained("out/")
+    model, tokenizer = titans.load("out/")   # or TitansLM.from_pretrained("out/")
 
 Loading parses JSON and safetensors only: no pickle, nothing from the files is executed. Every key
 and shape is checked against the model the config builds; bfloat16 files load into float32 params.
@@ -50,21 +50,32 @@ def save_pretrained(model, folder: str | Path, *, dtype: str = "float32", tokeni
     return folder
 
 
-def read_config(folder: str | Path) -> dict:
+def read_export_config(folder: str | Path) -> dict:
+    """The `config.json` of an exported folder: format version, dtype, tokenizer and the model config."""
     path = Path(folder) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not an exported model folder (make one with scripts/export.py)")
-    config = json.loads(path.read_text())
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {config.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): export the model again") from None
+    if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
+        version = config.get("format_version") if isinstance(config, dict) else None
+        raise ValueError(f"{path}: format_version {version!r}, this code reads {FORMAT_VERSION}")
     return config
 
 
 def load_params(model, folder: str | Path) -> None:
     """Fill `model`'s parameters from `folder/model.safetensors` (keys and shapes must match exactly)."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    tensors = load_file(str(Path(folder) / WEIGHTS))
+    path = Path(folder) / WEIGHTS
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({str(err).strip() or type(err).__name__}): "
+                         "export the run again") from None
     params = _flat_params(model)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:

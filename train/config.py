@@ -1,7 +1,8 @@
 """Typed `train` and `data` sections of a preset, and the whole run configuration.
 
 `load_run_config("small", ["model.variant=swa", "train.steps=100"])` reads the same YAML files and
-overrides as `titans.load_preset`; unknown keys and wrong types fail with one line.
+overrides as `titans.load_preset` (`titans.configfile`); unknown keys and wrong types fail with one
+line.
 """
 
 from __future__ import annotations
@@ -10,9 +11,14 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
-from titans.config import ConfigError, ModelConfig, check_field_types, check_positive, from_dict, read_config
-from train.data.niah import TASKS
-from train.data.tokenizer import TOKENIZERS
+from titans.config import ModelConfig
+from titans.configfile import ConfigError, check_field_types, check_positive, from_dict, read_preset
+from titans.tokenizer import TOKENIZERS
+from titans.train.data.needles import TASKS
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue; the message is one line saying why and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,17 +69,17 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """`corpus`: "default" (the offline corpus of train/data/corpus.py) or a folder of `.txt` / `.jsonl`
+    """`corpus`: "default" (the offline corpus of `titans.train.data.corpus`) or a folder of `.txt` / `.jsonl`
     documents; a folder with `train/` and `valid/` subfolders uses them as the split, otherwise every
     20th document (sorted by path) is held out."""
 
     corpus: str = "default"
     tokenizer: str = "byte"
-    # The retrieval recipe (train/data/pipeline.py NeedleMix): this fraction of the training rows
+    # The retrieval recipe (`titans.train.data.pipeline.NeedleMix`): this fraction of the training rows
     # end in a needle task of `needle_tasks` (comma list), min_len..row length tokens long, the
     # longest length reached after `needle_curriculum_steps`; the answer's tokens weigh
     # `needle_answer_weight` in the loss (every other token 1). Another `recall_fraction` of the
-    # rows are dense recall episodes (niah.recall_row), their recalled digits weighted like
+    # rows are dense recall episodes (needles.recall_row), their recalled digits weighted like
     # answers, with fillers of up to `recall_max_gap` tokens once the curriculum is done.
     needle_fraction: float = 0.0
     needle_tasks: str = "passkey,s-niah-1,s-niah-2"
@@ -114,19 +120,23 @@ class RunConfig:
         if self.train.state_passing:
             if self.model.variant == "swa":
                 raise ConfigError("train.state_passing passes memory states, and a swa model has none: set it to 0")
-            if self.train.seq_len % self.model.chunk_size:
+            if self.train.seq_len % self.model.memory.chunk_size:
                 raise ConfigError(f"train.state_passing needs train.seq_len ({self.train.seq_len}) to be a multiple "
-                                  f"of model.chunk_size ({self.model.chunk_size}), so rows end on a chunk boundary")
+                                  f"of model.memory.chunk_size ({self.model.memory.chunk_size}), so rows end on a "
+                                  "chunk boundary")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def load_run_config(config: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-    return load_run_config_dict(read_config(config, overrides))
+    """The run configuration of a preset name or YAML file, with `section.field=value` overrides."""
+    sections = read_preset(config, overrides)
+    return RunConfig(ModelConfig.from_dict(sections["model"]), from_dict(TrainConfig, sections["train"], "train"),
+                     from_dict(DataConfig, sections["data"], "data"))
 
 
 def load_run_config_dict(values: dict) -> RunConfig:
-    """A `RunConfig` from its `to_dict()` (a run folder's run.json)."""
-    return RunConfig(from_dict(ModelConfig, values["model"], "model"), from_dict(TrainConfig, values["train"], "train"),
+    """A `RunConfig` from its `to_dict()` (a run folder's run.json, possibly of an older version)."""
+    return RunConfig(ModelConfig.from_dict(values["model"], saved=True), from_dict(TrainConfig, values["train"], "train"),
                      from_dict(DataConfig, values["data"], "data"))

@@ -1,5 +1,5 @@
 """Causal sliding-window attention with persistent slots: `sliding_window_attention`."""
 
-from kernels.attention.api import IMPLS, sliding_window_attention
+from titans.kernels.attention.api import IMPLS, sliding_window_attention
 
 __all__ = ["IMPLS", "sliding_window_attention"]

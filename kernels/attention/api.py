@@ -8,10 +8,10 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from kernels.attention.blockwise import sliding_window_attention_blockwise
-from kernels.attention.pallas import sliding_window_attention_pallas, supported
-from kernels.attention.reference import sliding_window_attention_reference
-from kernels.sharding import over_batch
+from titans.kernels.attention.blockwise import sliding_window_attention_blockwise
+from titans.kernels.attention.pallas import sliding_window_attention_pallas, supported
+from titans.kernels.attention.reference import sliding_window_attention_reference
+from titans.kernels.sharding import over_batch
 
 Impl = Literal["reference", "blockwise", "pallas", "auto"]
 IMPLS = ("reference", "blockwise", "pallas", "auto")
@@ -31,7 +31,8 @@ def _resolve(impl: str, interpret: bool | None, head_dim: int, length: int, bloc
 
 
 def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int, start,
-                             persistent: tuple[jax.Array, jax.Array] | None = None, block: int = 128,
+                             persistent: tuple[jax.Array, jax.Array] | None = None,
+                             aligned_kv: tuple[jax.Array, jax.Array] | None = None, block: int = 128,
                              impl: Impl = "auto", interpret: bool | None = None) -> jax.Array:
     """Causal sliding-window attention with persistent slots.
 
@@ -39,7 +40,10 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window
     k, v: `[batch, S + P, heads, dim]`: the keys of the `S <= window - 1` tokens before q's first
     (a streaming cache; `S = 0` at a sequence start), then q's own. Query i sees key j when
     `0 <= (S + i) - j < window` and key j's position `start - S + j` is >= 0, plus every
-    persistent slot `(k_p, v_p)` `[N, heads, dim]`. `start` may be traced. Returns `[batch, P, heads, dim]`.
+    persistent slot `(k_p, v_p)` `[N, heads, dim]`. `start` may be traced. `aligned_kv = (k2, v2)`,
+    shaped like k, v, is a second key/value stream at the same positions: query i sees key j of both
+    streams under the same mask, and one softmax runs over both streams and the slots (MAC's segments
+    attend so to the memory's retrievals beside the tokens). Returns `[batch, P, heads, dim]`.
 
     impl: "blockwise" (XLA, O(T * (window + block))), "pallas" (flash kernel, Triton on GPU;
     interpret mode on CPU), "reference" (dense T x (S + T) mask, the oracle) or "auto" (pallas on
@@ -54,14 +58,17 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window
     prefix = k.shape[1] - q.shape[1]
     if not 0 <= prefix <= window - 1:
         raise ValueError(f"keys hold {prefix} tokens before the queries, expected 0 .. window - 1 = {window - 1}")
+    if aligned_kv is not None and any(x.shape != k.shape for x in aligned_kv):
+        raise ValueError(f"aligned_kv must be shaped like k, v {k.shape}, got {[x.shape for x in aligned_kv]}")
     impl, interpret = _resolve(impl, interpret, q.shape[-1], q.shape[1], block)
     if impl == "pallas":
         fn = functools.partial(sliding_window_attention_pallas, window=window, block=block, interpret=interpret)
-        kernel = lambda q, k, v, start, persistent: fn(q, k, v, start=start, persistent=persistent)
-        return over_batch(kernel, (q, k, v, jnp.asarray(start, jnp.int32), persistent),
-                          (True, True, True, False, False))
+        kernel = lambda q, k, v, start, persistent, aligned_kv: fn(q, k, v, start=start, persistent=persistent,
+                                                                   aligned_kv=aligned_kv)
+        return over_batch(kernel, (q, k, v, jnp.asarray(start, jnp.int32), persistent, aligned_kv),
+                          (True, True, True, False, False, True))
     fn = {
         "reference": sliding_window_attention_reference,
         "blockwise": functools.partial(sliding_window_attention_blockwise, block=block),
     }[impl]
-    return fn(q, k, v, window=window, start=start, persistent=persistent)
+    return fn(q, k, v, window=window, start=start, persistent=persistent, aligned_kv=aligned_kv)

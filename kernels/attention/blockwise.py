@@ -35,25 +35,36 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array,
 
 
 def sliding_window_attention_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int, start,
-                             persistent: tuple[jax.Array, jax.Array] | None = None,
-                             block: int = 128) -> jax.Array:
+                                       persistent: tuple[jax.Array, jax.Array] | None = None,
+                                       aligned_kv: tuple[jax.Array, jax.Array] | None = None,
+                                       block: int = 128) -> jax.Array:
     """Causal sliding-window attention, blockwise (shapes and mask: `api.sliding_window_attention`)."""
     batch, length, heads, dim = q.shape
     prefix = k.shape[1] - length
+    streams = [(k, v)] if aligned_kv is None else [(k, v), tuple(aligned_kv)]
+
+    def joined(keys_of, valid):
+        """Every stream's keys and values side by side on the key axis, each under the same mask."""
+        k_all = jnp.concatenate([keys_of(ks) for ks, _ in streams], axis=-3)
+        v_all = jnp.concatenate([keys_of(vs) for _, vs in streams], axis=-3)
+        return k_all, v_all, jnp.concatenate([valid] * len(streams), axis=-1)
+
     if length <= block:
         # One block: every query against every key (decode and short pieces).
         rel = jnp.arange(prefix + length)[None, :] - (prefix + jnp.arange(length))[:, None]
         valid = (rel <= 0) & (rel > -window) & ((start - prefix + jnp.arange(prefix + length)) >= 0)[None, :]
-        return attend(q, k, v, valid, persistent)
+        k_all, v_all, valid = joined(lambda x: x, valid)
+        return attend(q, k_all, v_all, valid, persistent)
 
     n_blocks = -(-length // block)
     lookback = -(-(window - 1) // block)  # key blocks before a query block that its window can reach
     lead = lookback * block - prefix
     pad = ((0, 0), (lead, n_blocks * block - length), (0, 0), (0, 0))
-    k_blocks = jnp.pad(k, pad).reshape(batch, lookback + n_blocks, block, heads, dim)
-    v_blocks = jnp.pad(v, pad).reshape(batch, lookback + n_blocks, block, heads, dim)
     # Query block b sees key blocks b .. b + lookback of the padded keys: [batch, n_blocks, (lookback+1)*block, ...].
-    window_of = lambda blocks: jnp.concatenate([blocks[:, j : j + n_blocks] for j in range(lookback + 1)], axis=2)
+    def window_of(x):
+        blocks = jnp.pad(x, pad).reshape(batch, lookback + n_blocks, block, heads, dim)
+        return jnp.concatenate([blocks[:, j : j + n_blocks] for j in range(lookback + 1)], axis=2)
+
     q_blocks = jnp.pad(q, ((0, 0), (0, n_blocks * block - length), (0, 0), (0, 0)))
     q_blocks = q_blocks.reshape(batch, n_blocks, block, heads, dim)
 
@@ -63,5 +74,5 @@ def sliding_window_attention_blockwise(q: jax.Array, k: jax.Array, v: jax.Array,
     rel = s - lookback * block - r
     key_pos = start - lookback * block + (jnp.arange(n_blocks) * block)[:, None, None] + s[None]
     valid = ((rel <= 0) & (rel > -window))[None] & (key_pos >= 0)
-    out = attend(q_blocks, window_of(k_blocks), window_of(v_blocks), valid, persistent)
+    out = attend(q_blocks, *joined(window_of, valid), persistent)
     return out.reshape(batch, n_blocks * block, heads, dim)[:, :length]

@@ -27,7 +27,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.attention.blockwise import MASKED
+from titans.kernels.attention.blockwise import MASKED
 
 NUM_WARPS = 4
 NUM_STAGES = 2
@@ -216,27 +216,30 @@ def _window_attention_bwd(static, residuals, cotangents):
 window_attention.defvjp(_window_attention_fwd, _window_attention_bwd)
 
 
-def sliding_window_attention_pallas(q, k, v, *, window: int, start, persistent=None, block: int = 64,
-                                    interpret: bool = False):
+def sliding_window_attention_pallas(q, k, v, *, window: int, start, persistent=None, aligned_kv=None,
+                                    block: int = 64, interpret: bool = False):
     """q `[B, P, H, D]`, k, v `[B, S + P, H, D]` (S <= window - 1 cached keys first), persistent
-    `(k_p, v_p)` `[N, H, D]` -> `[B, P, H, D]`. The window part runs in the kernel; the slots are
-    merged here through the log-sum-exp."""
+    `(k_p, v_p)` `[N, H, D]`, aligned_kv `(k2, v2)` like k, v -> `[B, P, H, D]`. The kernel runs the
+    window part of each key stream; the parts and the slots are merged here through their
+    log-sum-exps: `o = sum_s exp(lse_s - L) o_s` with `L = logsumexp_s lse_s`."""
     B, P, H, D = q.shape
     prefix = k.shape[1] - P
     P_pad = -(-P // block) * block
     K_pad = -(-(prefix + P_pad) // block) * block
     rows = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
     first = jnp.maximum(prefix - jnp.asarray(start, jnp.int32), 0).reshape(1)
-    o, lse = window_attention(rows(q, P_pad), rows(k, K_pad), rows(v, K_pad), first,
-                              (block, prefix, window, bool(interpret)))
-    o, lse = o[:, :P], jnp.moveaxis(lse[:, :, :P], 1, 2)  # lse [B, P, H]
-    if persistent is None or not persistent[0].shape[0]:
-        return o
-    k_p, v_p = (x.astype(q.dtype) for x in persistent)
-    slots = jnp.einsum("bphd,nhd->bphn", q, k_p, preferred_element_type=jnp.float32) * D**-0.5
-    lse_p = jax.nn.logsumexp(slots, axis=-1)
-    o_p = jnp.einsum("bphn,nhd->bphd", jnp.exp(slots - lse_p[..., None]).astype(v_p.dtype), v_p,
-                     preferred_element_type=jnp.float32)
-    total = jnp.logaddexp(lse, lse_p)
-    merged = jnp.exp(lse - total)[..., None] * o.astype(jnp.float32) + jnp.exp(lse_p - total)[..., None] * o_p
-    return merged.astype(q.dtype)
+    parts = []  # (o [B, P, H, D] float32, lse [B, P, H])
+    for keys, values in [(k, v)] if aligned_kv is None else [(k, v), aligned_kv]:
+        o, lse = window_attention(rows(q, P_pad), rows(keys, K_pad), rows(values, K_pad), first,
+                                  (block, prefix, window, bool(interpret)))
+        parts.append((o[:, :P].astype(jnp.float32), jnp.moveaxis(lse[:, :, :P], 1, 2)))
+    if persistent is not None and persistent[0].shape[0]:
+        k_p, v_p = (x.astype(q.dtype) for x in persistent)
+        slots = jnp.einsum("bphd,nhd->bphn", q, k_p, preferred_element_type=jnp.float32) * D**-0.5
+        lse_p = jax.nn.logsumexp(slots, axis=-1)
+        parts.append((jnp.einsum("bphn,nhd->bphd", jnp.exp(slots - lse_p[..., None]).astype(v_p.dtype), v_p,
+                                 preferred_element_type=jnp.float32), lse_p))
+    if len(parts) == 1:
+        return parts[0][0].astype(q.dtype)
+    total = jax.nn.logsumexp(jnp.stack([lse for _, lse in parts]), axis=0)
+    return sum(jnp.exp(lse - total)[..., None] * o for o, lse in parts).astype(q.dtype)

@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.memory.chunked import memory_scan_chunked
-from kernels.memory.common import ACTIVATIONS, MATMUL_DTYPES, MemoryState
-from kernels.memory.pallas import memory_scan_pallas, supported
-from kernels.memory.reference import memory_scan_reference
-from kernels.sharding import over_batch
+from titans.kernels.memory.chunked import memory_scan_chunked
+from titans.kernels.memory.common import ACTIVATIONS, MATMUL_DTYPES, MemoryState
+from titans.kernels.memory.pallas import memory_scan_pallas, supported
+from titans.kernels.memory.reference import memory_scan_reference
+from titans.kernels.sharding import over_batch
 
 Impl = Literal["reference", "chunked", "pallas", "auto"]
 IMPLS = ("reference", "chunked", "pallas", "auto")

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.memory.common import (
+from titans.kernels.memory.common import (
     ACTIVATIONS,
     MemoryState,
     associative_loss,

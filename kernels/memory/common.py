@@ -48,6 +48,16 @@ class MemoryState(NamedTuple):
         # jit, which lets `chunked` skip the extra chunk it needs for an unknown offset.
         return cls(weights, tuple(momentum), weights, np.zeros((), np.int32))
 
+    def select(self, keep: jax.Array, other: MemoryState) -> MemoryState:
+        """Rows of this state where `keep [B]` (bool), of `other` elsewhere, at a chunk boundary.
+
+        Both states must be at a chunk boundary (offset 0, where anchor == weights): state passing
+        ends rows on one, and the result is one too.
+        """
+        pick = lambda mine, theirs: jnp.where(keep.reshape((-1,) + (1,) * (mine.ndim - 1)), mine, theirs)
+        weights = tuple(map(pick, self.weights, other.weights))
+        return MemoryState(weights, tuple(map(pick, self.momentum, other.momentum)), weights, other.offset)
+
 
 def layer_shapes(head_dim: int, hidden: int, depth: int) -> tuple[tuple[int, int], ...]:
     """`(in, out)` of each memory matrix W_1..W_L of one head (depth 1: one `[D, D]` matrix)."""

@@ -30,10 +30,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.memory.chunked import (
+from titans.kernels.memory.chunked import (
     Coefficients, chunk_backward, chunk_coefficients, chunk_count, chunk_forward, chunk_grid,
 )
-from kernels.memory.common import MemoryState, chunk_ops
+from titans.kernels.memory.common import MemoryState, chunk_ops
 
 # One warp group per program: the chunk loop is sequential, and a program's tiles are small.
 NUM_WARPS = 4

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.memory.common import MemoryState, associative_loss, memory_apply
+from titans.kernels.memory.common import MemoryState, associative_loss, memory_apply
 
 
 def memory_scan_reference(

@@ -7,7 +7,8 @@ where `x [batch, seq, d_model]` is the residual stream (the mixer applies its ow
 can chain two residual steps), `delta` is added to it, `state=None` means a sequence start,
 `start` is the absolute position of `x[:, 0]` (an int or a traced int32 scalar) and `plan` is MAC's
 split of `seq` at segment boundaries (`segment_plan`; other mixers ignore it).
-A new variant is one file here and one entry in `MIXERS` (and in `titans.config.VARIANTS`).
+A new variant is one file here and one entry in `MIXERS` and in `titans.config.VARIANTS` (the
+config imports no model code; tests/test_config.py checks that the two agree).
 """
 
 from titans.mixers.lmm import LMM

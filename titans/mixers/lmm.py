@@ -10,8 +10,8 @@ from titans.memory_layer import MemoryLayer
 
 class LMM(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        self.norm = RMSNorm(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
-        self.memory = MemoryLayer(cfg.memory_config(), rngs=rngs)
+        self.norm = RMSNorm(cfg.d_model, **cfg.dtypes, rngs=rngs)
+        self.memory = MemoryLayer(cfg.memory, cfg.d_model, **cfg.dtypes, rngs=rngs)
 
     def init_state(self, batch_size: int):
         return self.memory.init_state(batch_size)

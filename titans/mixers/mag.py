@@ -21,12 +21,12 @@ class MAGState(NamedTuple):
 
 class MAG(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+        kw = dict(**cfg.dtypes, rngs=rngs)
         self.norm = RMSNorm(cfg.d_model, **kw)
         self.attn = SlidingWindowAttention(cfg, rngs=rngs)
-        self.memory = NeuralMemory(cfg.memory_config(), rngs=rngs)
+        self.memory = NeuralMemory(cfg.memory, cfg.d_model, **cfg.dtypes, rngs=rngs)
         self.attn_norm = RMSNorm(cfg.attn_width, name="heads", **kw)
-        self.memory_norm = RMSNorm(cfg.mem_width, name="heads", **kw)
+        self.memory_norm = RMSNorm(cfg.memory.width, name="heads", **kw)
 
     def init_state(self, batch_size: int) -> MAGState:
         return MAGState(self.attn.init_state(batch_size), self.memory.init_state(batch_size))

@@ -18,8 +18,8 @@ class MALState(NamedTuple):
 
 class MAL(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        norm = lambda: RMSNorm(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
-        self.memory_norm, self.memory = norm(), MemoryLayer(cfg.memory_config(), rngs=rngs)
+        norm = lambda: RMSNorm(cfg.d_model, **cfg.dtypes, rngs=rngs)
+        self.memory_norm, self.memory = norm(), MemoryLayer(cfg.memory, cfg.d_model, **cfg.dtypes, rngs=rngs)
         self.attn_norm, self.attn = norm(), SlidingWindowAttention(cfg, rngs=rngs)
 
     def init_state(self, batch_size: int) -> MALState:

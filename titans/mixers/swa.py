@@ -10,7 +10,7 @@ from titans.layers import RMSNorm
 
 class SWA(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        self.norm = RMSNorm(cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
+        self.norm = RMSNorm(cfg.d_model, **cfg.dtypes, rngs=rngs)
         self.attn = SlidingWindowAttention(cfg, rngs=rngs)
 
     def init_state(self, batch_size: int):

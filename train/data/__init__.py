@@ -1,1 +1,2 @@
-"""Training data: the offline corpus, the byte tokenizer and the grain pipeline."""
+"""Training data: the offline corpus (`corpus`), the grain pipeline (`pipeline`) and the
+needle-in-a-haystack prompts and training rows (`needles`)."""

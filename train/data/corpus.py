@@ -229,3 +229,23 @@ def read_documents(folder: Path) -> list[tuple[str, str]]:
                         raise CorpusError(f"{path}:{i + 1}: each .jsonl line must be an object with a 'text' "
                                           "string") from None
     return [(n, t) for n, t in docs if t.strip()]
+
+
+def load_split(corpus: str = "default", log: Callable[[str], None] = print) -> tuple[list[str], list[str]]:
+    """Training and held-out document texts of `corpus` (`data.corpus`: "default" or a folder)."""
+    if corpus == "default":
+        root = ensure(log=log)
+        train_docs, valid_docs = read_documents(root / "train"), read_documents(root / "valid")
+    else:
+        root = Path(corpus).expanduser()
+        if (root / "train").is_dir() and (root / "valid").is_dir():
+            train_docs, valid_docs = read_documents(root / "train"), read_documents(root / "valid")
+        else:
+            docs = read_documents(root)
+            train_docs = [d for i, d in enumerate(docs) if i % 20]
+            valid_docs = [d for i, d in enumerate(docs) if not i % 20]
+    if not train_docs:
+        raise CorpusError(f"corpus {root} has no training documents (.txt or .jsonl): add text or fix data.corpus")
+    if not valid_docs:
+        raise CorpusError(f"corpus {root} has no held-out documents: add a valid/ folder or more documents")
+    return [t for _, t in train_docs], [t for _, t in valid_docs]

@@ -18,8 +18,8 @@ import dataclasses
 import grain
 import numpy as np
 
-from train.data import niah
-from train.data.tokenizer import ByteTokenizer
+from titans.train.data import needles
+from titans.tokenizer import ByteTokenizer
 
 
 def pack(texts: list[str], tokenizer: ByteTokenizer, seed: int | None) -> np.ndarray:
@@ -44,7 +44,7 @@ class NeedleMix:
     drawn from [min_len, cap], where cap grows linearly from min_len to the row length over the first
     `curriculum_steps` steps. The answer's tokens weigh `answer_weight` in the loss: a row has a few
     answer tokens among hundreds of haystack tokens, so at weight 1 retrieval is a sliver of the
-    gradient. Another `recall_fraction` of the rows are dense recall episodes (`niah.recall_row`),
+    gradient. Another `recall_fraction` of the rows are dense recall episodes (`needles.recall_row`),
     their recalled tokens weighted the same; their longest filler grows from 0 to `recall_max_gap`
     tokens over the same curriculum, since recall over long gaps is not learned from scratch (a
     model first learns it at short gaps, where episodes are dense). Rows are a pure function of
@@ -67,12 +67,12 @@ class NeedleMix:
             return text_row(window)
         progress = min(1.0, (index // batch_size) / self.curriculum_steps) if self.curriculum_steps else 1.0
         if draw >= self.fraction:
-            tokens, recalled = niah.recall_row(rng, len(window), 0, int(progress * self.recall_max_gap))
+            tokens, recalled = needles.recall_row(rng, len(window), 0, int(progress * self.recall_max_gap))
             row = text_row(tokens)
             row["weights"][recalled[1:]] = self.answer_weight
             return row
         cap = int(self.min_len + progress * (len(window) - self.min_len))
-        tokens, answer = niah.needle_row(rng, len(window), self.min_len, cap, self.tasks, self.tokenizer, haystack)
+        tokens, answer = needles.needle_row(rng, len(window), self.min_len, cap, self.tasks, self.tokenizer, haystack)
         row = text_row(tokens)
         row["weights"][-answer:] = self.answer_weight
         return row
@@ -84,18 +84,18 @@ def text_row(window: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def train_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, shard_index: int = 0,
-                  shard_count: int = 1, prefetch: int = 4, needles: NeedleMix | None = None) -> grain.IterDataset:
+                  shard_count: int = 1, prefetch: int = 4, mix: NeedleMix | None = None) -> grain.IterDataset:
     """Endless batches of shuffled windows (reshuffled every epoch; {"tokens", "weights"}, see the
-    module docstring), this process's shard of them; `needles` mixes in the needle tasks."""
+    module docstring), this process's shard of them; `mix` mixes in the needle tasks."""
     count = (len(tokens) - 1) // seq_len
     order = grain.MapDataset.range(count).shuffle(seed=seed)[shard_index::shard_count]
     if len(order) < batch_size:
         raise ValueError(f"this shard has {len(order)} windows of {seq_len + 1} tokens, fewer than batch_size "
                          f"{batch_size}: use more text or a smaller train.seq_len / train.batch_size")
     ds = order.repeat(None).map(lambda i: tokens[i * seq_len : i * seq_len + seq_len + 1].astype(np.int32))
-    if needles is not None:
+    if mix is not None:
         row_seed = (seed, shard_index)
-        ds = ds.map_with_index(lambda index, window: needles.row(index, window, tokens, row_seed, batch_size))
+        ds = ds.map_with_index(lambda index, window: mix.row(index, window, tokens, row_seed, batch_size))
     else:
         ds = ds.map(text_row)
     ds = ds.batch(batch_size, drop_remainder=True)

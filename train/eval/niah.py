@@ -2,20 +2,28 @@
 
 Each prompt is streamed through `model.extend` in pieces (state and memory stay constant at any
 length), then the answer is decoded greedily. Rows of the same task and length run as one batch.
+`evaluate` runs a whole grid and writes its results folder (scripts/niah.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import resource
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Callable, Iterator
 
 import jax
 import numpy as np
 
+from titans.model import count_params
 from titans.sampling import generate
-from train.data import niah
+from titans.train.data import needles
+from titans.train.data.corpus import load_split, read_documents
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +36,7 @@ class Grid:
 
     def __post_init__(self):
         for task in self.tasks:
-            niah.check_task(task)
+            needles.check_task(task)
         if not self.lengths or not self.depths or self.samples < 1:
             raise ValueError("a grid needs at least one length, one depth and samples >= 1")
         for depth in self.depths:
@@ -40,7 +48,7 @@ class Grid:
 
     def rows(self, task: str, length: int) -> list[tuple[float, int]]:
         """(depth, sample seed) of every sample of one cell; seeds differ per task, length, depth, sample."""
-        t = tuple(niah.TASKS).index(task)
+        t = tuple(needles.TASKS).index(task)
         return [(d, int(np.random.default_rng([self.seed, t, length, i, s]).integers(2**31)))
                 for i, d in enumerate(self.depths) for s in range(self.samples)]
 
@@ -51,7 +59,7 @@ class Grid:
 def check_lengths(grid: Grid, tokenizer) -> None:
     """Fail before any work when a length cannot hold a task's prompt."""
     for task in grid.tasks:
-        need = niah.fixed_size(task, tokenizer)
+        need = needles.fixed_size(task, tokenizer)
         short = [n for n in grid.lengths if n < need]
         if short:
             raise ValueError(f"length {short[0]} is below the {task} prompt's fixed size: use lengths >= {need}")
@@ -64,9 +72,9 @@ def run(model, tokenizer, grid: Grid, *, haystack: np.ndarray | None, batch: int
     check_lengths(grid, tokenizer)
     for task, length in grid.cells():
         rows = grid.rows(task, length)
-        max_new = niah.MAX_NEW_TOKENS[niah.TASKS[task].value]
+        max_new = needles.MAX_NEW_TOKENS[needles.TASKS[task].value]
         for i in range(0, len(rows), batch):
-            samples = [niah.make_sample(task, length, d, s, tokenizer, haystack) for d, s in rows[i : i + batch]]
+            samples = [needles.make_sample(task, length, d, s, tokenizer, haystack) for d, s in rows[i : i + batch]]
             t0 = time.perf_counter()
             new = generate(model, np.stack([s.tokens for s in samples]), max_new, jax.random.key(0),
                            temperature=0.0, prefill_piece=piece)
@@ -77,7 +85,7 @@ def run(model, tokenizer, grid: Grid, *, haystack: np.ndarray | None, batch: int
                 got = tokenizer.decode(ids).split("\n")[0]
                 yield {"task": task, "length": length, "depth": sample.depth, "seed": sample.seed,
                        "needle_at": sample.needle_at, "expected": sample.expected, "got": got,
-                       "correct": niah.score(task, sample.expected, got), "seconds": round(seconds, 3)}
+                       "correct": needles.score(task, sample.expected, got), "seconds": round(seconds, 3)}
 
 
 def accuracy_table(results: list[dict]) -> dict[str, dict[int, float]]:
@@ -163,3 +171,76 @@ def heatmap(results: list[dict], path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def parse_depths(text: str) -> tuple[float, ...]:
+    """A count of evenly spaced depths 0..1 (`"5"`; one depth is 0.5) or a comma list of fractions."""
+    if "," not in text and text.strip().isdigit():
+        count = int(text)
+        if count < 1:
+            raise ValueError(f"--depths {text}: need at least one depth")
+        return tuple(float(d) for d in np.linspace(0, 1, count)) if count > 1 else (0.5,)
+    try:
+        return tuple(float(d) for d in text.split(","))
+    except ValueError:
+        raise ValueError(f"--depths {text!r} is neither a count nor a comma list of fractions") from None
+
+
+def load_haystack(tokenizer, tasks, path: str | None = None) -> tuple[np.ndarray | None, str]:
+    """The real-text haystack's tokens and name (None for tasks that use noise only): `path` (a text
+    file or a folder of documents), or the default corpus's held-out Austen text."""
+    if all(needles.TASKS[t].haystack == "noise" for t in tasks):
+        return None, "noise"
+    if path:
+        source = Path(path)
+        if not source.exists():
+            raise FileNotFoundError(f"--haystack {source} does not exist")
+        texts, name = ([source.read_text()] if source.is_file() else [t for _, t in read_documents(source)]), str(source)
+    else:
+        texts, name = load_split("default", lambda s: print(s, file=sys.stderr))[1], "held-out Austen (6 novels)"
+    tokens = np.asarray(tokenizer.encode(needles.normalise(" ".join(texts))), np.int32)
+    if len(tokens) == 0:
+        raise ValueError(f"the haystack {name} is empty")
+    return tokens, name
+
+
+def evaluate(model, tokenizer, grid: Grid, out: Path, *, source: str, haystack: np.ndarray | None,
+             haystack_name: str, batch: int = 4, piece: int = 4096, progress: bool = True) -> tuple[dict, str]:
+    """Run `grid` and write `out`/results.json (every sample; written atomically), results.md and,
+    with matplotlib, heatmap.png. Returns the summary (accuracy, tokens/s, peak RSS) and the markdown."""
+    if batch < 1 or piece < 1:
+        raise ValueError("--batch and --piece must be >= 1")
+    check_lengths(grid, tokenizer)
+    cfg = model.config
+    out.mkdir(parents=True, exist_ok=True)
+    title = (f"{source}: {cfg.variant}, {count_params(cfg) / 1e6:.1f}M parameters, {tokenizer.name} tokenizer, "
+             f"haystack {haystack_name}, chunk {cfg.memory.chunk_size}")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=grid.total_tokens(), unit="tok", unit_scale=True, desc="niah", dynamic_ncols=True)
+    results, t0 = [], time.perf_counter()
+    try:
+        for row in run(model, tokenizer, grid, haystack=haystack, batch=batch, piece=piece,
+                       on_tokens=bar.update if bar is not None else None):
+            results.append(row)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    summary = {"model": source, "variant": cfg.variant, "params": count_params(cfg), "tokenizer": tokenizer.name,
+               "haystack": haystack_name, "chunk_size": cfg.memory.chunk_size, "piece": piece, "batch": batch,
+               "seconds": round(seconds, 1), "tokens_per_s": round(grid.total_tokens() / seconds, 1),
+               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+               "accuracy": accuracy_table(results)}
+    table = markdown(results, title)
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps({**summary, "samples": results}, indent=1))
+    os.replace(tmp, out / "results.json")
+    (out / "results.md").write_text(table)
+    try:
+        heatmap(results, out / "heatmap.png", title)
+    except ImportError:
+        print("heatmap skipped: matplotlib is not installed (pip install -e '.[plots]')", file=sys.stderr)
+    return summary, table

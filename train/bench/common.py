@@ -1,8 +1,10 @@
-"""What the benchmark scripts share: child processes (so a case's peak RSS is its own), timing,
-the machine line and the atomic update of a BENCHMARKS.md section."""
+"""What the benchmarks share: child processes (so a case's peak RSS is its own), timing, the machine
+line and the atomic update of a BENCHMARKS.md section (the one in the working directory: run the
+benchmarks from the checkout)."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -15,8 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ROOT / "BENCHMARKS.md"
+BENCHMARKS = Path("BENCHMARKS.md")
 
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's datasheets, by jax device_kind prefix.
@@ -88,11 +89,26 @@ def speed_table(head: str, rows: list[dict], peak: float | None, baseline: str, 
     return "\n".join(lines)
 
 
-def gpu_header(script: str, kind: str, peak: float | None, interpreted: bool) -> str:
-    """The command, machine and device lines above a kernel benchmark's table."""
-    return (f"Command: `python scripts/{script} {' '.join(sys.argv[1:])}`  \n"
+def command_line() -> str:
+    """How this benchmark was started, for the table's header."""
+    return "`" + " ".join(["python", *sys.argv]) + "`"
+
+
+def run_gpu_grid(module: str, cfg, section: str, about: str,
+                 table: Callable[[list[dict], float | None], str]) -> list[dict]:
+    """A kernel benchmark: every case of `cfg` in a child process of `module`, then its table under
+    the command, machine and device lines and `about`, printed (and with `cfg.write`, written to
+    BENCHMARKS.md under `section`)."""
+    kind = device_kind()
+    peak = lookup(BF16_PEAK_TFLOPS, kind)
+    rows = [run_in_child(module, case, dataclasses.asdict(cfg)) for case in progress(cfg.cases(), section)]
+    text = (f"Command: {command_line()}  \n"
             f"{machine_line()}; device: {kind}{f' (dense bf16 peak {peak} TFLOP/s)' if peak else ''}"
-            f"{'; Pallas interpreted' if interpreted else ''}  \n")
+            f"{'; Pallas interpreted' if cfg.interpret else ''}  \n{about}\n\n{table(rows, peak)}")
+    print(text)
+    if cfg.write:
+        write_section(text, section)
+    return rows
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -111,31 +127,14 @@ def repeat(fn: Callable[[], object], iters: int, budget_s: float) -> tuple[float
     return first, times
 
 
-def scan_flops_per_token(heads: int, head_dim: int, hidden: int, depth: int, chunk: int) -> float:
-    """Forward FLOPs per token of the memory scan in the chunk form (2 per multiply-add).
-
-    Per chunk and head, with layer widths (n_in, n_out): keys forward (b n_in n_out) and backward
-    (b n_in n_out for layers > 1), queries against W and S (2 b n_in n_out), the intra-chunk scores
-    and their product with the errors (b^2 n_in + b^2 n_out), the chunk-end W and S (2 b n_in n_out),
-    plus G = Dc H (b^3).
-    """
-    from kernels.memory.common import layer_shapes  # jax: only where FLOPs are counted
-
-    b = chunk
-    per_chunk = b**3
-    for layer, (n_in, n_out) in enumerate(layer_shapes(head_dim, hidden, depth)):
-        mats = 5 + (1 if layer > 0 else 0)
-        per_chunk += mats * b * n_in * n_out + b * b * (n_in + n_out)
-    return 2.0 * heads * per_chunk / b
-
-
 def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def run_in_child(script: str, case: dict, config: dict, env: dict | None = None) -> dict:
-    """Run `script --child CASE --child-config CONFIG` and return the dict it prints after `RESULT `."""
-    cmd = [sys.executable, script, "--child", json.dumps(case), "--child-config", json.dumps(config)]
+def run_in_child(module: str, case: dict, config: dict, env: dict | None = None) -> dict:
+    """Run `python -m module --child CASE --child-config CONFIG` and return the dict it prints after
+    `RESULT ` (the module's `child_main`)."""
+    cmd = [sys.executable, "-m", module, "--child", json.dumps(case), "--child-config", json.dumps(config)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -183,26 +182,27 @@ def write_section(text: str, section: str) -> None:
     os.replace(f.name, BENCHMARKS)
 
 
-def add_child_args(parser) -> None:
-    """The hidden arguments `run_in_child` passes to a child case."""
-    import argparse
-
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--child-config", help=argparse.SUPPRESS)
-
-
-def list_args(args, names: Iterable[str], cast=str) -> dict:
-    """Comma-separated arguments among `names` that were given, as tuples (`--seq-lens 1,2` -> (1, 2))."""
-    return {n: tuple(cast(v) for v in getattr(args, n).split(",")) for n in names if getattr(args, n)}
+def add_grid_args(parser, grid: dict[str, tuple[type, str]]) -> None:
+    """A comma-list option per field of a benchmark's grid (`field: (item type, help)`; `seq_lens`
+    is `--seq-lens 1024,4096`), `--iters` and `--write`."""
+    for field, (_, text) in grid.items():
+        parser.add_argument("--" + field.replace("_", "-"), help=text)
+    parser.add_argument("--iters", type=int, help="timed calls per case")
+    parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
 
 
-def child_main(argv: list[str], run_case: Callable[[dict, object], dict], config_cls) -> bool:
-    """If argv asks for a child case, rebuild its `config_cls` (JSON lists back to tuples), run it,
-    print its RESULT line and return True."""
-    if "--child" not in argv:
-        return False
+def grid_values(args, grid: dict[str, tuple[type, str]]) -> dict:
+    """The grid options that were given, as tuples (`--seq-lens 1,2` -> seq_lens=(1, 2)), with `iters`
+    (when given) and `write`: keyword arguments of the benchmark's config."""
+    values = {field: tuple(cast(v) for v in getattr(args, field).split(","))
+              for field, (cast, _) in grid.items() if getattr(args, field)}
+    return values | ({"iters": args.iters} if args.iters is not None else {}) | {"write": args.write}
+
+
+def child_main(argv: list[str], run_case: Callable[[dict, object], dict], config_cls) -> None:
+    """A benchmark module's `__main__`: rebuild the case `run_in_child` passed and its `config_cls`
+    (JSON lists back to tuples), run it and print its RESULT line."""
     case = json.loads(argv[argv.index("--child") + 1])
     fields = json.loads(argv[argv.index("--child-config") + 1])
     config = config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     print("RESULT " + json.dumps(run_case(case, config)))
-    return True

@@ -1,0 +1,2 @@
+"""Evaluation and diagnostics: the needle-in-a-haystack grid (`niah`) and the probes of what limits
+retrieval (`forget`, `recall`) and training stability (`stability`)."""

@@ -1,0 +1,179 @@
+"""A run folder (`--out` of scripts/train.py): claiming and locking it, `run.json`, the orbax
+checkpoint managers, restoring with fallback, and the metrics file.
+
+    run.json          the run configuration (a resume must use the same model config and data stream)
+    .lock             held (flock) by the process that trains into the folder
+    metrics.jsonl     one JSON line per logged step (and per evaluation)
+    tb/               TensorBoard event files (tensorboardX)
+    checkpoints/      orbax: the last `keep_checkpoints` steps (params, optimizer, data iterator, RNG)
+    best/             the parameters with the lowest held-out loss so far
+`titans.load` reads the model back for inference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import grain
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from titans.configfile import ConfigError, flat_items
+from titans.loading import BEST, CHECKPOINTS, MODEL_ITEM, RUN_FILE, load, model_checkpoint_args
+from titans.train.config import RunConfig, TrainError, load_run_config_dict
+
+LOCK_FILE = ".lock"
+METRICS_FILE = "metrics.jsonl"
+
+
+class Stop:
+    """SIGTERM / SIGINT set a flag; the loop saves at the next step boundary and returns."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def checkpoint_args(model, optimizer, iterator, rng, save: bool):
+    """Save (or restore into) params, optimizer state, data iterator and RNG as one orbax Composite."""
+    arrays = ocp.args.StandardSave if save else ocp.args.StandardRestore
+    data = grain.checkpoint.CheckpointSave if save else grain.checkpoint.CheckpointRestore
+    return ocp.args.Composite(**{MODEL_ITEM: model_checkpoint_args(model, save)},
+                              optimizer=arrays(nnx.state(optimizer)), data=data(iterator),
+                              rng=arrays({"key": jax.random.key_data(rng)}))
+
+
+def model_only_args(model):
+    """What `best/` holds: the model's state alone, as the item `titans.load` restores."""
+    return ocp.args.Composite(**{MODEL_ITEM: model_checkpoint_args(model, save=True)})
+
+
+def checkpoint_managers(out: Path, keep: int) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+    """The managers of `checkpoints/` (the newest `keep` steps) and `best/` (the lowest held-out loss)."""
+    manager = ocp.CheckpointManager((out / CHECKPOINTS).absolute(),
+                                    options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+    best = ocp.CheckpointManager((out / BEST).absolute(), options=ocp.CheckpointManagerOptions(
+        max_to_keep=1, best_fn=lambda m: m["valid_loss"], best_mode="min", create=True))
+    return manager, best
+
+
+def _differences(saved: dict, mine: dict, section: str) -> list[str]:
+    there, here = dict(flat_items(saved.get(section, {}))), dict(flat_items(mine[section]))
+    return [k for k in here if there.get(k) != here[k]]
+
+
+def claim(out: Path, run: RunConfig):
+    """Check that `out` is free or holds this run, lock it (returns the open lock file; closing it
+    releases the lock) and write run.json. Two processes training into one folder would interleave
+    their checkpoints and metrics."""
+    path = out / RUN_FILE
+    if path.is_file():
+        try:  # fill fields added since the run was made with their defaults
+            saved = json.loads(json.dumps(load_run_config_dict(json.loads(path.read_text())).to_dict()))
+        except (ValueError, KeyError, ConfigError) as err:
+            raise TrainError(f"{path} is not readable as a run ({err}): use another --out") from None
+        mine = json.loads(json.dumps(run.to_dict()))
+        diff = _differences(saved, mine, "model")
+        if diff:
+            there, here = dict(flat_items(saved["model"])), dict(flat_items(mine["model"]))
+            k = diff[0]
+            raise TrainError(f"{out} holds a run with a different model config (model.{k}: "
+                             f"{there.get(k)!r} there, {here[k]!r} here): use another --out")
+        # The data stream must be the same one for the resumed batches to continue it.
+        stream = [("data",)] + [("train", k) for k in ("seed", "seq_len", "batch_size")]
+        get = lambda tree, key: tree[key[0]] if len(key) == 1 else tree[key[0]].get(key[1])
+        if any(get(saved, key) != get(mine, key) for key in stream):
+            raise TrainError(f"{out} holds a run with other data, seed, seq_len or batch_size: use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    # One lock per job: the processes of a multi-host job share `out`, and process 0 holds it.
+    lock = contextlib.nullcontext()
+    if jax.process_index() == 0:
+        lock = (out / LOCK_FILE).open("a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise TrainError(f"another process is training into {out} (it holds {out / LOCK_FILE}): wait for it "
+                             "to stop or use another --out") from None
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(run.to_dict(), indent=1))
+    tmp.replace(path)
+    return lock
+
+
+def restore_latest(manager, model, optimizer, iterator, rng, log) -> tuple[int, jax.Array]:
+    """Restore the newest readable checkpoint (falling back to older ones, saying so); (step, rng).
+
+    An unreadable step folder is moved aside to `unreadable-<step>` (kept, never deleted), so that
+    the run can save that step again.
+    """
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=checkpoint_args(model, optimizer, iterator, rng, save=False))
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: fall back, never delete it
+            folder = Path(manager.directory) / str(step)
+            aside = folder.with_name(f"unreadable-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+            folder.rename(aside)
+            manager.reload()
+            log(f"checkpoint step {step} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                f"moved it to {aside.name} and trying the previous one")
+            continue
+        nnx.update(model, restored[MODEL_ITEM])
+        nnx.update(optimizer, restored["optimizer"])
+        rng = jax.random.wrap_key_data(jnp.asarray(restored["rng"]["key"]))
+        log(f"resumed from step {step}")
+        return step, rng
+    return 0, rng
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the rows up to the restored `step`: the rows a stopped run logged after its last checkpoint
+    are trained again, and a line cut by kill -9 would corrupt the file. Rewritten atomically."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if line.endswith("\n") and json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a partial line
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
+
+
+def initial_weights(run: RunConfig, log: Callable[[str], None]) -> nnx.State:
+    """The weights named by train.init_from: a run folder's latest checkpoint or an exported model,
+    of the same model config."""
+    source = run.train.init_from
+    try:
+        model, _ = load(source, log=log)
+    except (FileNotFoundError, ValueError) as err:
+        raise TrainError(f"train.init_from={source}: {err}") from None
+    mine, theirs = dict(flat_items(run.model.to_dict())), dict(flat_items(model.config.to_dict()))
+    diff = [k for k in mine if mine[k] != theirs.get(k)]
+    if diff:
+        raise TrainError(f"train.init_from={source} has another model config (model.{diff[0]}: {theirs.get(diff[0])!r} "
+                         f"there, {mine[diff[0]]!r} here): initialise from a model of this config")
+    return nnx.state(model)
