@@ -19,6 +19,11 @@ def main(argv=None) -> str:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if not args.prompt:
+        raise ValueError("--prompt must not be empty: the model continues a text")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
+        raise ValueError(f"--temperature must be >= 0 (0: greedy), --top-p in (0, 1] and --max-new-tokens >= 1, got "
+                         f"{args.temperature}, {args.top_p}, {args.max_new_tokens}")
 
     import jax
 
@@ -26,8 +31,6 @@ def main(argv=None) -> str:
 
     model, tokenizer, _ = cli.load_model(args, log=lambda s: print(s, file=sys.stderr))
     prompt = tokenizer.encode(args.prompt)
-    if len(prompt) == 0:
-        raise ValueError("--prompt must not be empty")
     print(args.prompt, end="", flush=True)
     pending = []
 

@@ -1,12 +1,15 @@
 """Train a Titans model: `python scripts/train.py [--config small] [--set section.field=value ...]`.
 
 Rerunning the same command with the same --out resumes from its newest checkpoint. SIGTERM or
-Ctrl-C saves and exits. `titans.train.run_dir` says what the run folder holds.
+Ctrl-C saves and exits with 128 + the signal's number (143, 130): a scheduler sees "stopped, run me
+again", not "done" (0) or "failed" (1). `titans.train.run_dir` says what the run folder holds.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from pathlib import Path
 
 from titans.train import cli
@@ -40,4 +43,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    cli.run("train", main)
+    summary = cli.run("train", main)
+    if "signal" in summary:
+        sys.exit(128 + signal.Signals[summary["signal"]].value)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import io
 import runpy
+import sys
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,7 +21,8 @@ def run_script(name: str, *argv: str) -> tuple[int, str, str]:
     from titans.train import cli
 
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    argv0 = str(ROOT / "scripts" / f"{name}.py")  # what argparse names the program by
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), mock.patch.object(sys, "argv", [argv0]):
         try:
             cli.run(name, main, list(argv))
             code = 0

@@ -75,16 +75,16 @@ def restore_trained(run_dir: str | Path, which: str = "latest",
         steps = sorted(manager.all_steps(), reverse=True)
         if which == "best" and manager.best_step() is not None:
             steps = [manager.best_step()]
+        skipped = []  # said only once a checkpoint loads: otherwise the one error line says it all
         for step in steps:
             try:
                 restored = manager.restore(
                     step, args=ocp.args.Composite(**{MODEL_ITEM: model_checkpoint_args(model, save=False)}))
             except Exception as err:  # noqa: BLE001 - orbax raises many types for an unreadable or mismatched step
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-                if log is not None:
-                    log(f"checkpoint {folder / str(step)} is unreadable ({type(err).__name__}: {first}); "
-                        "trying the previous one")
+                skipped.append(f"checkpoint {folder / str(step)} is unreadable ({type(err).__name__})")
                 continue
+            for notice in skipped if log is not None else ():
+                log(f"{notice}; using step {step}")
             nnx.update(model, restored[MODEL_ITEM])
             return model, run
     raise FileNotFoundError(f"{folder} holds no readable checkpoint (tried {len(steps)}): train again or restore "

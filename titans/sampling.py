@@ -32,6 +32,11 @@ def generate(model, prompt: np.ndarray, max_new_tokens: int, key: jax.Array, *, 
     so every full piece reuses one compiled step).
     """
     prompt = np.asarray(prompt, np.int32)
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be token ids [batch, n] with n >= 1, got shape {prompt.shape}")
+    if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"max_new_tokens and temperature must be >= 0 and top_p in (0, 1], got {max_new_tokens}, "
+                         f"{temperature}, {top_p}")
     state = model.init_state(prompt.shape[0])
     piece = prefill_piece or prompt.shape[1]
     for start in range(0, prompt.shape[1], piece):

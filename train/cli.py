@@ -4,6 +4,7 @@ and the exit with one line (`<name>: <what went wrong and what to do>`) on a use
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Callable, Sequence
 
@@ -15,9 +16,16 @@ from titans.train.data.corpus import CorpusError
 USER_ERRORS = (ConfigError, CorpusError, TrainError, FileNotFoundError, FileExistsError, ValueError)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A usage error as one line (argparse's own prints the usage first), status 2 as argparse's."""
+        self.exit(2, f"{self.prog.removesuffix('.py')}: {message} (--help lists the options)\n")
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
-    """An argument parser described by the first paragraph of a script's docstring."""
-    return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    """An argument parser described by the first paragraph of a script's docstring; a usage error
+    exits 2 with one line."""
+    return _Parser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def add_config_args(p: argparse.ArgumentParser, default: str | None = "small", help_extra: str = "") -> None:
@@ -70,8 +78,15 @@ def split_list(text: str, cast: Callable = str, name: str = "list") -> tuple:
 
 
 def run(name: str, main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None):
-    """`main(argv)`, exiting with one line `name: message` (status 1) on a user error."""
+    """`main(argv)`, exiting with one line `name: message` (status 1) on a user error. The libraries'
+    own log lines below CRITICAL (orbax reports, through absl, every file of a corrupt checkpoint
+    that the loaders then skip) stay out of the command's output."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
     try:
         return main(argv)
     except USER_ERRORS as err:
         sys.exit(f"{name}: {err}")
+    finally:
+        absl.setLevel(level)

@@ -54,6 +54,15 @@ class TrainConfig:
     # rows show training the states of streams far longer than one row, which is what a recurrent
     # model meets past its training length (EVALS.md). Chains restart when a run resumes.
     state_passing: float = 0.0
+    # A loss that is not finite, or above `loss_spike` times the median of the last 50 (0: no spike
+    # check), is a divergence. `stop` ends the run with an error; `rollback` restores the last good
+    # checkpoint, skips the batches from there to the divergence and trains on, at most
+    # `max_rollbacks` times (PaLM's recovery, Chowdhery et al. 2022, section 5.1). Either way the
+    # checkpoint the diverging step started from is set aside: a checkpoint counts as good only
+    # once the step after it gave a finite loss. README, "When things go wrong".
+    on_divergence: str = "stop"
+    max_rollbacks: int = 3
+    loss_spike: float = 0.0
 
     def __post_init__(self):
         check_field_types(self, "train")
@@ -65,6 +74,11 @@ class TrainConfig:
             raise ConfigError("train.warmup_steps, weight_decay, sample_tokens must be >= 0 and grad_clip > 0")
         if not 0 <= self.state_passing <= 1:
             raise ConfigError(f"train.state_passing must be a probability in [0, 1], got {self.state_passing}")
+        if self.on_divergence not in ("stop", "rollback"):
+            raise ConfigError(f"train.on_divergence must be stop or rollback, got {self.on_divergence!r}")
+        if self.max_rollbacks < 0 or not (self.loss_spike == 0 or self.loss_spike > 1):
+            raise ConfigError(f"train.max_rollbacks must be >= 0 and train.loss_spike 0 (off) or > 1, got "
+                              f"{self.max_rollbacks}, {self.loss_spike}")
 
 
 @dataclasses.dataclass(frozen=True)

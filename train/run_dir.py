@@ -121,22 +121,38 @@ def claim(out: Path, run: RunConfig):
     return lock
 
 
+def first_line(err: BaseException, limit: int = 160) -> str:
+    """An exception as one line for a notice: its type and the first line of its message, cut at a
+    word boundary (library messages can hold whole reprs)."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def set_aside(manager, step: int, why: str) -> str:
+    """Move checkpoint `step` to `<why>-<step>-<time>` beside it (kept, never deleted), so the run
+    neither restores it nor is kept from saving that step again; returns the new name."""
+    manager.wait_until_finished()
+    folder = Path(manager.directory) / str(step)
+    aside = folder.with_name(f"{why}-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder.rename(aside)
+    manager.reload()
+    return aside.name
+
+
 def restore_latest(manager, model, optimizer, iterator, rng, log) -> tuple[int, jax.Array]:
     """Restore the newest readable checkpoint (falling back to older ones, saying so); (step, rng).
 
-    An unreadable step folder is moved aside to `unreadable-<step>` (kept, never deleted), so that
-    the run can save that step again.
+    An unreadable step folder is set aside as `unreadable-<step>-<time>`.
     """
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             restored = manager.restore(step, args=checkpoint_args(model, optimizer, iterator, rng, save=False))
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: fall back, never delete it
-            folder = Path(manager.directory) / str(step)
-            aside = folder.with_name(f"unreadable-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-            folder.rename(aside)
-            manager.reload()
-            log(f"checkpoint step {step} is unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
-                f"moved it to {aside.name} and trying the previous one")
+            aside = set_aside(manager, step, "unreadable")
+            log(f"checkpoint step {step} is unreadable ({first_line(err)}); moved it to {aside} and trying the "
+                "previous one")
             continue
         nnx.update(model, restored[MODEL_ITEM])
         nnx.update(optimizer, restored["optimizer"])

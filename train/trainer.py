@@ -7,9 +7,11 @@ return.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -49,38 +51,82 @@ def _needle_mix(run: RunConfig, tokenizer) -> pipeline.NeedleMix | None:
                               tokenizer, data.needle_answer_weight, data.recall_fraction, data.recall_max_gap)
 
 
+class _Divergence(Exception):
+    """A loss that was not finite (or spiked) at `step`."""
+
+    def __init__(self, step: int, loss: float, why: str):
+        super().__init__(f"loss is {loss} at step {step}" if why == "nan" else
+                         f"loss spiked to {loss:.4g} at step {step} ({why})")
+        self.step = step
+
+
+class _LossWatch:
+    """The losses of steps not yet looked at (device scalars: reading one waits for its step), read
+    at the loop's sync points; a non-finite one, or a spike over `spike` x the median of the last 50
+    finite ones, raises `_Divergence` naming the first such step."""
+
+    def __init__(self, spike: float):
+        self.spike, self.pending, self.recent = spike, [], collections.deque(maxlen=50)
+
+    def add(self, step: int, loss) -> None:
+        self.pending.append((step, loss))
+
+    def check(self) -> None:
+        pending, self.pending = self.pending, []
+        for step, loss in pending:
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise _Divergence(step, loss, "nan")
+            if self.spike and len(self.recent) >= 10 and loss > self.spike * statistics.median(self.recent):
+                raise _Divergence(step, loss, f"over train.loss_spike={self.spike:g} x the median of the last "
+                                              f"{len(self.recent)} steps, {statistics.median(self.recent):.4g}")
+            self.recent.append(loss)
+
+    def reset(self) -> None:
+        self.pending.clear()
+        self.recent.clear()
+
+
 def train(run: RunConfig, out: Path, *, steps: int | None = None, log: Callable[[str], None] = print,
           progress: bool = True) -> dict:
-    """Train (or resume) into `out`; returns a summary with the last losses and the status."""
+    """Train (or resume) into `out`; returns a summary with the last losses and the status
+    (`"done"`, or `"stopped by SIGTERM at step N (saved)"` with `signal` set to the signal's name).
+
+    Everything that can be checked is checked before `out` is touched: the step count, the
+    tokenizer against the model, the corpus and the batches it gives, the devices, `init_from`.
+    """
     _mark_absl_flags_parsed()
     out = Path(out)
     cfg = run.train
-    steps = steps or cfg.steps
+    steps = cfg.steps if steps is None else steps
+    if steps < 1:
+        raise TrainError(f"steps must be >= 1 (the total to train to, resumed steps included), got {steps}")
     tokenizer = get_tokenizer(run.data.tokenizer)
     if run.model.vocab_size < tokenizer.vocab_size:
         raise TrainError(f"model.vocab_size={run.model.vocab_size} is smaller than the {tokenizer.name} tokenizer's "
                          f"{tokenizer.vocab_size}: raise model.vocab_size")
     mix = _needle_mix(run, tokenizer)
-    init = run_dir.initial_weights(run, log) if cfg.init_from else None  # checked before the run folder is touched
-    with run_dir.claim(out, run):
-        return _train(run, out, steps, tokenizer, mix, init, log, progress)
-
-
-def _train(run: RunConfig, out: Path, steps: int, tokenizer, mix, init, log, progress) -> dict:
-    cfg = run.train
     train_texts, valid_texts = load_split(run.data.corpus, log)
     train_tokens = pipeline.pack(train_texts, tokenizer, seed=cfg.seed)
     valid_batches = pipeline.eval_batches(pipeline.pack(valid_texts, tokenizer, seed=None), seq_len=cfg.seq_len,
                                           batch_size=cfg.batch_size, max_batches=cfg.eval_batches)
+    if not valid_batches:
+        raise TrainError(f"the held-out documents of {run.data.corpus} fill no batch of {cfg.batch_size} x "
+                         f"{cfg.seq_len + 1} tokens: add held-out text or lower train.batch_size / train.seq_len")
     dataset = pipeline.train_dataset(train_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                                     shard_index=jax.process_index(), shard_count=jax.process_count(),
-                                     mix=mix)
-    iterator = iter(dataset)
-
+                                     shard_index=jax.process_index(), shard_count=jax.process_count(), mix=mix)
     mesh = make_mesh(cfg.fsdp)
     if cfg.batch_size % (jax.device_count() // jax.process_count()):
         raise TrainError(f"train.batch_size={cfg.batch_size} (per process) must be a multiple of the "
                          f"{jax.local_device_count()} local devices")
+    init = run_dir.initial_weights(run, log) if cfg.init_from else None
+    with run_dir.claim(out, run):
+        return _train(run, out, steps, tokenizer, iter(dataset), valid_batches, mesh, init, log, progress)
+
+
+def _train(run: RunConfig, out: Path, steps: int, tokenizer, iterator, valid_batches, mesh, init, log,
+           progress) -> dict:
+    cfg = run.train
     model = TitansLM(run.model, rngs=nnx.Rngs(cfg.seed))
     shard(model, mesh)
     tx, schedule = make_optimizer(dataclasses.replace(cfg, steps=steps))
@@ -97,9 +143,20 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, mix, init, log, pro
 
     from tensorboardX import SummaryWriter
 
-    writer = SummaryWriter(str(out / "tb"), purge_step=start + 1 if start else None)
-    run_dir.trim_metrics(out / run_dir.METRICS_FILE, start)
-    metrics_file = (out / run_dir.METRICS_FILE).open("a")
+    metrics_path = out / run_dir.METRICS_FILE
+    writer = metrics_file = None
+
+    def open_logs(after: int) -> None:
+        """(Re)open the metrics and TensorBoard files, dropping what was logged after step `after`."""
+        nonlocal writer, metrics_file
+        for f in (writer, metrics_file):
+            if f is not None:
+                f.close()
+        writer = SummaryWriter(str(out / "tb"), purge_step=after + 1 if after else None)
+        run_dir.trim_metrics(metrics_path, after)
+        metrics_file = metrics_path.open("a")
+
+    open_logs(start)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -116,32 +173,57 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, mix, init, log, pro
     def save(step: int) -> None:
         manager.save(step, args=run_dir.checkpoint_args(model, optimizer, iterator, rng, save=True), force=True)
 
-    status, last, tokens_per_step = "done", {}, cfg.batch_size * cfg.seq_len * jax.process_count()
-    # State passing: every chain starts at W^0 (keep all False) on the first step of this process.
-    memories, keep_rng = None, np.random.default_rng([cfg.seed, jax.process_index(), start])
-    if cfg.state_passing:  # placeholders of the carry's shapes: the first step keeps none of them
-        memories = initial_memories(model, cfg.batch_size, mesh)
+    def fresh_memories():
+        # State passing: every chain starts at W^0 (keep all False) on a process's first step.
+        return initial_memories(model, cfg.batch_size, mesh) if cfg.state_passing else None
+
+    status, stopped_by, last, tokens_per_step = "done", None, {}, cfg.batch_size * cfg.seq_len * jax.process_count()
+    memories, keep_rng, first = fresh_memories(), np.random.default_rng([cfg.seed, jax.process_index(), start]), start
+    watch, rollbacks = _LossWatch(cfg.loss_spike), 0
     t_log, logged, step = time.perf_counter(), start, start
     with run_dir.Stop() as stop:
         try:
-            for step in range(start + 1, steps + 1):
+            while step < steps:
+                step += 1
                 lr = float(schedule(step - 1))
                 with jax.set_mesh(mesh):  # the Pallas kernels map themselves over the batch under it
                     carry = None
                     if memories is not None:
                         keep = keep_rng.random(cfg.batch_size) < cfg.state_passing
-                        carry = MemoryCarry(memories, global_batch(keep & (step > start + 1), mesh))
+                        carry = MemoryCarry(memories, global_batch(keep & (step > first + 1), mesh))
                     loss, grad_norm, gate_means, memories = train_step(
                         model, optimizer, global_batch(next(iterator), mesh), lr, carry)
+                watch.add(step, loss)
                 logging = step % cfg.log_every == 0 or step == steps
                 evaluating = step % cfg.eval_every == 0 or step == steps
                 saving = step % cfg.checkpoint_every == 0 or step == steps or stop.signal is not None
-                if logging or evaluating or saving:  # never evaluate or save parameters after a NaN
+                if logging or evaluating or saving:  # never log, evaluate or save after a divergence
+                    try:
+                        watch.check()
+                    except _Divergence as div:
+                        good = _set_aside_diverged(manager, div.step, log)
+                        if cfg.on_divergence == "stop" or rollbacks == cfg.max_rollbacks or good is None:
+                            why = ("train.on_divergence=stop" if cfg.on_divergence == "stop" else
+                                   "no good checkpoint to roll back to" if good is None else
+                                   f"train.max_rollbacks={cfg.max_rollbacks} reached")
+                            raise TrainError(f"{div}; stopped ({why}). Last good checkpoint: "
+                                             f"{'step ' + str(good) if good else 'none'} in {out}: resume with a "
+                                             "lower train.lr, or set train.on_divergence=rollback") from None
+                        rollbacks += 1
+                        step, rng = run_dir.restore_latest(manager, model, optimizer, iterator, rng, log)
+                        for _ in range(div.step - step):  # the batches that led to the divergence
+                            next(iterator)
+                        log(f"{div}: rolled back to step {step} and skipped the {div.step - step} batches after "
+                            f"it (rollback {rollbacks} of at most {cfg.max_rollbacks})")
+                        open_logs(step)
+                        record({"step": step, "rollback_from": div.step, "skipped_batches": div.step - step})
+                        memories, first, t_log, logged = fresh_memories(), step, time.perf_counter(), step
+                        watch.reset()
+                        if bar is not None:
+                            bar.n = step
+                            bar.refresh()
+                        continue
                     loss = float(loss)
-                    if not math.isfinite(loss):
-                        good = manager.latest_step()
-                        raise TrainError(f"loss is {loss} at step {step}; stopped without saving. Last good "
-                                         f"checkpoint: {'step ' + str(good) if good else 'none'} in {out}")
                 if logging:
                     now = time.perf_counter()
                     rate = tokens_per_step * (step - logged) / (now - t_log)
@@ -168,7 +250,7 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, mix, init, log, pro
                 if stop.signal:
                     if step not in manager.all_steps():  # the signal came after this step's save check
                         save(step)
-                    status = f"stopped by {stop.signal} at step {step} (saved)"
+                    stopped_by, status = stop.signal, f"stopped by {stop.signal} at step {step} (saved)"
                     log(status)
                     break
         finally:
@@ -180,10 +262,21 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, mix, init, log, pro
             writer.close()
             if bar is not None:
                 bar.close()
-    summary = {"status": status, "step": step, **last}
+    summary = {"status": status, "step": step, **({"signal": stopped_by} if stopped_by else {}),
+               **({"rollbacks": rollbacks} if rollbacks else {}), **last}
     if status == "done" and cfg.sample_tokens:
         rng, key = jax.random.split(rng)
         prompt = tokenizer.encode(cfg.sample_prompt)[None]
         new = generate(model, prompt, cfg.sample_tokens, key, temperature=0.8, top_p=0.95)
         summary["sample"] = cfg.sample_prompt + tokenizer.decode(new[0])
     return summary
+
+
+def _set_aside_diverged(manager, step: int, log) -> int | None:
+    """After a divergence at `step`: set aside the checkpoints from `step - 1` on (the parameters the
+    diverging step started from, and anything later); returns the newest checkpoint left, which a
+    finite loss has confirmed, or None."""
+    for saved in sorted(s for s in manager.all_steps() if s >= step - 1):
+        log(f"checkpoint step {saved} led to the divergence at step {step}: moved it to "
+            f"{run_dir.set_aside(manager, saved, 'diverged')}")
+    return manager.latest_step()

@@ -210,18 +210,27 @@ def ensure(root: Path | None = None, log: Callable[[str], None] = print) -> Path
     return root if (root / MANIFEST).is_file() else build(root, log)
 
 
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"{path} is not UTF-8 (byte {err.start}: {err.reason}): convert it, e.g. "
+                          f"iconv -f latin1 -t utf-8, or move it out of the corpus") from None
+
+
 def read_documents(folder: Path) -> list[tuple[str, str]]:
     """(name, text) of every `.txt` file (one document each) and every `.jsonl` line (`{"text": ...}`)
-    under `folder`, sorted by path; empty documents are skipped."""
+    under `folder`, sorted by path; empty documents are skipped, a file that is not UTF-8 is an error
+    naming it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CorpusError(f"corpus folder {folder} does not exist")
     docs = []
     for path in sorted(folder.rglob("*")):
         if path.suffix == ".txt":
-            docs.append((str(path.relative_to(folder)), path.read_text(encoding="utf-8", errors="replace")))
+            docs.append((str(path.relative_to(folder)), _read_utf8(path)))
         elif path.suffix == ".jsonl":
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            for i, line in enumerate(_read_utf8(path).splitlines()):
                 if line.strip():
                     try:
                         docs.append((f"{path.relative_to(folder)}:{i}", json.loads(line)["text"]))
@@ -242,6 +251,9 @@ def load_split(corpus: str = "default", log: Callable[[str], None] = print) -> t
             train_docs, valid_docs = read_documents(root / "train"), read_documents(root / "valid")
         else:
             docs = read_documents(root)
+            if len(docs) == 1:
+                raise CorpusError(f"corpus {root} holds one document, which cannot be split into training and "
+                                  "held-out text: add documents, or train/ and valid/ subfolders")
             train_docs = [d for i, d in enumerate(docs) if i % 20]
             valid_docs = [d for i, d in enumerate(docs) if not i % 20]
     if not train_docs:
