@@ -1,7 +1,8 @@
 """Export a training run's parameters: `python scripts/export.py --checkpoint RUN_DIR --out DIR`.
 
-DIR gets `model.safetensors` (dotted parameter paths as keys) and `config.json` (model config,
-format version, tokenizer); load it with `titans.load(DIR)`. DIR must not exist.
+DIR gets `model.safetensors` (dotted parameter paths as keys), `config.json` (model config, format
+version, tokenizer) and the run's `tokenizer.json` (a subword tokenizer); load it with
+`titans.load(DIR)`. DIR must not exist.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ def main(argv=None) -> Path:
     if Path(args.out).exists():
         raise FileExistsError(f"{args.out} already exists: choose a new folder (nothing was overwritten)")
 
-    from titans.loading import restore_trained
+    from titans.loading import restore_trained, run_tokenizer
     from titans.pretrained import save_pretrained
 
     model, run = restore_trained(args.checkpoint, args.which, log=lambda s: print(s, file=sys.stderr))
-    folder = save_pretrained(model, args.out, dtype=args.dtype, tokenizer=run.get("data", {}).get("tokenizer", "byte"))
+    tokenizer = run_tokenizer(Path(args.checkpoint), run)
+    folder = save_pretrained(model, args.out, dtype=args.dtype, tokenizer=tokenizer)
     print(f"wrote {folder} ({model.config.variant}, {args.dtype})")
     return folder
 

@@ -1,10 +1,14 @@
 """Test-session setup: fast CPU compiles and JAX's persistent compilation cache outside the clone."""
 
 import os
+import tempfile
 
 # Compiling dominates JAX test time on CPU; these shapes are tiny, so XLA's optimisation passes
 # cost more than they save. Read once when jax is imported, hence before the import.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+# The stores the tests' small corpora are tokenized into stay out of the user's cache.
+os.environ.setdefault("TITANS_JAX_STORES", tempfile.mkdtemp(prefix="titans-test-stores-"))
 
 import jax  # noqa: E402
 

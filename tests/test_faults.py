@@ -15,7 +15,11 @@ import pytest
 
 from tests.scripts import run_script
 from titans.train.config import TrainError, load_run_config
+from titans.train.data import corpus
 from titans.train.trainer import train
+
+# One worker runs this module, so its fixtures (trained runs) are built once.
+pytestmark = pytest.mark.xdist_group("faults")
 
 WORDS = "the memory writes what surprises it and forgets what it no longer needs while attention reads".split()
 FIELDS = dict(seq_len=32, batch_size=2, log_every=1, eval_every=4, eval_batches=2, checkpoint_every=2,
@@ -78,6 +82,19 @@ CASES = {
                                                       "--set", "data.corpus={world}/smalltrain"], "fewer than batch_size"),
     "not a number": ("train", ["--steps", "ten"], "argument --steps: invalid int value: 'ten'", 2),
     "init_from nowhere": ("train", ["--set", "train.init_from={world}/nope"], "is neither a run folder"),
+    "store missing a shard": ("train", ["--set", "data.corpus={world}/store-missing"], "is missing: the store is incomplete"),
+    "store shard cut short": ("train", ["--set", "data.corpus={world}/store-short"], "the store is damaged"),
+    "store of another tokenizer": ("train", ["--set", "data.corpus={world}/store-bpe"], "was tokenized with"),
+    "store ids beyond the model": ("train", ["--set", "data.corpus={world}/store-range"],
+                                   "holds token id 5000, beyond model.vocab_size=260"),
+    "tokenizer larger than the model": ("train", ["--set", "data.tokenizer={world}/bpe"],
+                                        "model.vocab_size=260 is smaller than the"),
+    "no such tokenizer": ("train", ["--set", "data.tokenizer={world}/nope"], "data.tokenizer takes byte"),
+    "prepare into a folder that exists": ("prepare_data", ["--corpus", "{world}/corpus", "--out", "{world}/store"],
+                                          "already exists"),
+    "prepare a missing corpus": ("prepare_data", ["--corpus", "{world}/nope", "--out", "{world}/new"], "does not exist"),
+    "a vocabulary below the bytes": ("train_tokenizer", ["--corpus", "{world}/corpus/train", "--vocab-size", "10",
+                                                         "--out", "{world}/tok"], "--vocab-size must be at least 258"),
     "another model in the run folder": ("train", ["--out", "{world}/run", "--set", "model.window=8"],
                                         "different model config (model.window"),
     # export.py
@@ -124,6 +141,19 @@ def _prepare(world: Path) -> None:
     damaged(world, "noise", lambda f: (f / weights).write_bytes(os.urandom(4096)))
     damaged(world, "tail", lambda f: truncate(f / weights, 0.999))
     damaged(world, "badconfig", lambda f: (f / "config.json").write_text('{"format_version": 1, "model": {'))
+    if not (world / "store").exists():
+        from titans.tokenizer import ByteTokenizer, load_tokenizer
+        from titans.train.data import bpe, store
+
+        store.prepare(world / "corpus", ByteTokenizer(), world / "store", log=lambda s: None)
+        for name, damage in (("store-missing", lambda f: (f / "train-00000.bin").unlink()),
+                             ("store-short", lambda f: truncate(f / "train-00000.bin", 0.9)),
+                             ("store-range", lambda f: (f / "index.json").write_text(
+                                 (f / "index.json").read_text().replace('"max_id": ', '"max_id": 5000, "was": ')))):
+            shutil.copytree(world / "store", world / name)
+            damage(world / name)
+        bpe.train_bpe((t for _, t in corpus.iter_documents(world / "corpus" / "train")), 300, world / "bpe")
+        store.prepare(world / "corpus", load_tokenizer(world / "bpe"), world / "store-bpe", log=lambda s: None)
     if not (world / "allbad").exists():
         shutil.copytree(world / "run", world / "allbad")
         for path in (world / "allbad" / "checkpoints").rglob("*"):

@@ -123,8 +123,10 @@ def test_fast_impls_match_reference_values(index):
             assert_trees_close(y, y_ref, X64_TOL, f"{impl} y")
             assert_trees_close(s[:3], s_ref[:3], X64_TOL, f"{impl} state")
             assert int(s.offset) == int(s_ref.offset), impl
+    # float32 against the float64 reference: chunked on every case; pallas, which runs the same chunk
+    # math (`chunk_forward`) and equals chunked in float64 above, on every fourth (a compile each).
     body32 = {n: to_f32(x) if n != "mask" else x for n, x in body.items()}
-    for impl in FAST_IMPLS:
+    for impl in FAST_IMPLS if index % 4 == 0 else ("chunked",):
         y32, s32 = run(impl, to_f32(state) if state is not None else state_of(body32), body32, **kw)
         assert y32.dtype == s32.weights[0].dtype == jnp.float32
         assert_trees_close((y32, s32[:3]), (y_ref, s_ref[:3]), F32_TOL, f"float32 {impl} vs float64 reference")

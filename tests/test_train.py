@@ -17,11 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.scripts import run_script
 from titans.loading import restore_trained
 from titans.tokenizer import ByteTokenizer
 from titans.train.config import TrainError, load_run_config
 from titans.train.data import corpus, pipeline
 from titans.train.trainer import train
+
+# One worker runs this module, so its fixtures (trained runs) are built once.
+pytestmark = pytest.mark.xdist_group("train")
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 24  # long enough (8 checkpoints) that the signal, sent as soon as 6 steps are logged, lands mid-run
@@ -61,7 +65,7 @@ def test_pipeline_is_deterministic_and_sharded(text_corpus):
     tokens = pipeline.pack(texts, tok, seed=3)
     assert np.array_equal(tokens, pipeline.pack(texts, tok, seed=3))
     assert not np.array_equal(tokens, pipeline.pack(texts, tok, seed=4))
-    assert np.sum(tokens == tok.EOS) == len(texts) and tok.decode(tokens).count(".") >= 30
+    assert np.sum(tokens == tok.eos) == len(texts) and tok.decode(tokens).count(".") >= 30
 
     def batches(seed, shard=0, count=1, n=6):
         it = iter(pipeline.train_dataset(tokens, seq_len=16, batch_size=2, seed=seed, shard_index=shard,
@@ -229,9 +233,8 @@ def test_export_load_generate(text_corpus, tmp_path):
     tokens = jax.random.randint(jax.random.key(0), (2, 40), 0, 256)
     want = np.asarray(trained(tokens))
 
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), "--checkpoint", str(run_dir),
-                           "--out", str(tmp_path / "f32")], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, _, err = run_script("export", "--checkpoint", str(run_dir), "--out", str(tmp_path / "f32"))
+    assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "f32").iterdir()) == ["config.json", "model.safetensors"]
     loaded, tokenizer = titans.load(tmp_path / "f32")
     assert tokenizer.name == "byte"
@@ -252,10 +255,10 @@ def test_export_load_generate(text_corpus, tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         save_pretrained(trained, tmp_path / "bf16")
 
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--model", str(tmp_path / "f32"),
-                           "--prompt", "the memory", "--max-new-tokens", "12"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.startswith("the memory") and "tokens/s" in proc.stderr
+    code, out, err = run_script("generate", "--model", str(tmp_path / "f32"), "--prompt", "the memory",
+                                "--max-new-tokens", "12")
+    assert code == 0, err
+    assert out.startswith("the memory") and "tokens/s" in err
 
     # train.init_from: a run folder or an exported model seeds a new run (step 1's learning rate is
     # 0 in the warmup, so its weights are exactly the source's); another model config is refused

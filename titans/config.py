@@ -120,7 +120,7 @@ class ModelConfig:
     """
 
     variant: str = "mac"
-    vocab_size: int = 260
+    vocab_size: int | str = 260  # or "auto" in a run's config: the tokenizer's, rounded up (titans.train.config)
     d_model: int = 256
     n_layers: int = 4
     ffn_dim: int | None = None
@@ -145,6 +145,11 @@ class ModelConfig:
         check_field_types(self, "model")
         if self.variant not in VARIANTS:
             raise ConfigError(f"model.variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if isinstance(self.vocab_size, str):
+            if self.vocab_size != "auto":
+                raise ConfigError(f"model.vocab_size must be a count or auto, got {self.vocab_size!r}")
+            raise ConfigError("model.vocab_size: auto is resolved from the run's tokenizer by "
+                              "titans.train.config.load_run_config: give a count to build a model alone")
         check_positive(self, "model", "vocab_size", "d_model", "n_layers", "attn_heads", "window", "attn_block",
                        "segment_len")
         for name in ("ffn_dim", "attn_head_dim"):

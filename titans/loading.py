@@ -24,7 +24,8 @@ from titans.config import ModelConfig
 from titans.configfile import ConfigError
 from titans.model import TitansLM
 from titans.pretrained import CONFIG, read_export_config
-from titans.tokenizer import ByteTokenizer, get_tokenizer
+from titans.tokenizer import FILE as TOKENIZER_FILE
+from titans.tokenizer import Tokenizer, saved_tokenizer
 
 RUN_FILE = "run.json"
 CHECKPOINTS, BEST = "checkpoints", "best"
@@ -92,14 +93,23 @@ def restore_trained(run_dir: str | Path, which: str = "latest",
 
 
 def load(path: str | Path, which: str = "latest",
-         log: Callable[[str], None] | None = None) -> tuple[TitansLM, ByteTokenizer]:
+         log: Callable[[str], None] | None = None) -> tuple[TitansLM, Tokenizer]:
     """(model, tokenizer) from a run folder (its `which` checkpoint: `latest` or `best`) or an
     exported folder (`which` does not apply)."""
     path = Path(path).expanduser()
     if (path / CONFIG).is_file() and not (path / RUN_FILE).is_file():
-        return TitansLM.from_pretrained(path), get_tokenizer(read_export_config(path)["tokenizer"]["name"])
+        return TitansLM.from_pretrained(path), saved_tokenizer(path, read_export_config(path)["tokenizer"])
     if not (path / RUN_FILE).is_file():
         raise FileNotFoundError(f"{path} is neither a run folder ({RUN_FILE}) nor an exported model ({CONFIG}): pass "
                                 "the --out of scripts/train.py or of scripts/export.py")
     model, run = restore_trained(path, which, log)
-    return model, get_tokenizer(run.get("data", {}).get("tokenizer", "byte"))
+    return model, run_tokenizer(path, run)
+
+
+def run_tokenizer(run_dir: Path, run: dict) -> Tokenizer:
+    """A run folder's tokenizer: its copy of tokenizer.json (written when training started), or the
+    byte tokenizer."""
+    data = run.get("data", {})
+    entry = {"name": data.get("tokenizer", "byte"), "file": TOKENIZER_FILE if (run_dir / TOKENIZER_FILE).is_file() else None,
+             **{k: data.get(k, "") for k in ("eos_token", "bos_token", "pad_token")}}
+    return saved_tokenizer(run_dir, entry)

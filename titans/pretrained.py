@@ -1,6 +1,6 @@
 """Parameters-only model folders: `model.safetensors` (dotted parameter paths as keys) + `config.json`.
 
-    save_pretrained(model, "out/", dtype="float32", tokenizer="byte")
+    save_pretrained(model, "out/", dtype="float32", tokenizer=tokenizer)   # + tokenizer.json for a BPE
     model, tokenizer = titans.load("out/")   # or TitansLM.from_pretrained("out/")
 
 Loading parses JSON and safetensors only: no pickle, nothing from the files is executed. Every key
@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from titans.tokenizer import ByteTokenizer
+
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -27,8 +29,9 @@ def _flat_params(model) -> dict[str, nnx.Variable]:
     return {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def save_pretrained(model, folder: str | Path, *, dtype: str = "float32", tokenizer: str = "byte") -> Path:
-    """Write `folder` (which must not exist) atomically: a temporary folder renamed at the end."""
+def save_pretrained(model, folder: str | Path, *, dtype: str = "float32", tokenizer=None) -> Path:
+    """Write `folder` (which must not exist) atomically: a temporary folder renamed at the end. The
+    tokenizer (default: the byte tokenizer) goes with it: a copy of its tokenizer.json, or its name."""
     from safetensors.numpy import save_file
 
     folder = Path(folder)
@@ -41,7 +44,7 @@ def save_pretrained(model, folder: str | Path, *, dtype: str = "float32", tokeni
     try:
         tensors = {k: np.asarray(jnp.asarray(v[...], dtype)) for k, v in _flat_params(model).items()}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format_version": str(FORMAT_VERSION)})
-        config = {"format_version": FORMAT_VERSION, "dtype": dtype, "tokenizer": {"name": tokenizer},
+        config = {"format_version": FORMAT_VERSION, "dtype": dtype, "tokenizer": (tokenizer or ByteTokenizer()).save(tmp),
                   "model": model.config.to_dict()}
         (tmp / CONFIG).write_text(json.dumps(config, indent=1))
         os.replace(tmp, folder)

@@ -52,13 +52,13 @@ def load_model(args: argparse.Namespace, log: Callable[[str], None] = print):
     from flax import nnx
 
     import titans
-    from titans.tokenizer import get_tokenizer
     from titans.train.config import load_run_config
+    from titans.train.data.bpe import resolve
 
     if getattr(args, "preset", None):
-        run = load_run_config(args.preset, args.overrides)
+        run = load_run_config(args.preset, args.overrides, log)
         model = titans.TitansLM(run.model, rngs=nnx.Rngs(run.train.seed))
-        return model, get_tokenizer(run.data.tokenizer), f"preset {args.preset} (random weights)"
+        return model, resolve(run.data.tokenizer, log, **run.data.specials()), f"preset {args.preset} (random weights)"
     if getattr(args, "overrides", None):
         raise ValueError("--set changes a preset; a checkpoint or exported model keeps the config it was saved with")
     path = args.model or args.checkpoint

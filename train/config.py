@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from titans.config import ModelConfig
 from titans.configfile import ConfigError, check_field_types, check_positive, from_dict, read_preset
-from titans.tokenizer import TOKENIZERS
 from titans.train.data.needles import TASKS
 
 
@@ -83,12 +82,21 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """`corpus`: "default" (the offline corpus of `titans.train.data.corpus`) or a folder of `.txt` / `.jsonl`
-    documents; a folder with `train/` and `valid/` subfolders uses them as the split, otherwise every
-    20th document (sorted by path) is held out."""
+    """`corpus`: "default" (the offline corpus of `titans.train.data.corpus`), a token store
+    (scripts/prepare_data.py), or a folder (or file) of `.txt`, `.jsonl`, `.jsonl.gz` or `.parquet`
+    documents, their text in `text_field`; a folder with `train/` and `valid/` subfolders uses them
+    as the split, otherwise every 20th document (sorted by path) is held out. A corpus that is not a
+    store is tokenized once into a cached store (`titans.train.data.store.prepared`).
+    `tokenizer`: `byte`, `bpe-<N>[k]` (a byte-level BPE trained on the default corpus on first use,
+    `titans.train.data.bpe`), or a `tokenizer.json` / a folder holding one; `eos_token`,
+    `bos_token`, `pad_token` name its special tokens where the usual names are not in it."""
 
     corpus: str = "default"
     tokenizer: str = "byte"
+    text_field: str = "text"
+    eos_token: str = ""
+    bos_token: str = ""
+    pad_token: str = ""
     # The retrieval recipe (`titans.train.data.pipeline.NeedleMix`): this fraction of the training rows
     # end in a needle task of `needle_tasks` (comma list), min_len..row length tokens long, the
     # longest length reached after `needle_curriculum_steps`; the answer's tokens weigh
@@ -105,8 +113,8 @@ class DataConfig:
 
     def __post_init__(self):
         check_field_types(self, "data")
-        if self.tokenizer not in TOKENIZERS:
-            raise ConfigError(f"data.tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.tokenizer!r}")
+        if not self.tokenizer or not self.text_field:
+            raise ConfigError("data.tokenizer and data.text_field must not be empty (data.tokenizer=byte is the default)")
         if not 0 <= self.needle_fraction <= 1 or self.needle_curriculum_steps < 0:
             raise ConfigError(f"data.needle_fraction must be in [0, 1] and data.needle_curriculum_steps >= 0, got "
                               f"{self.needle_fraction}, {self.needle_curriculum_steps}")
@@ -122,6 +130,10 @@ class DataConfig:
 
     def tasks(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.needle_tasks.split(",") if t.strip())
+
+    def specials(self) -> dict[str, str]:
+        """The special-token overrides, as `titans.tokenizer.load_tokenizer` takes them."""
+        return {"eos": self.eos_token, "bos": self.bos_token, "pad": self.pad_token}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,11 +155,21 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def load_run_config(config: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """The run configuration of a preset name or YAML file, with `section.field=value` overrides."""
+def load_run_config(config: str | Path, overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> RunConfig:
+    """The run configuration of a preset name or YAML file, with `section.field=value` overrides.
+    `model.vocab_size: auto` becomes the tokenizer's size rounded up to a multiple of 128 (loading,
+    or first training, the tokenizer)."""
     sections = read_preset(config, overrides)
-    return RunConfig(ModelConfig.from_dict(sections["model"]), from_dict(TrainConfig, sections["train"], "train"),
-                     from_dict(DataConfig, sections["data"], "data"))
+    data = from_dict(DataConfig, sections["data"], "data")
+    if sections["model"].get("vocab_size") == "auto":
+        from titans.train.data.bpe import resolve
+
+        size = resolve(data.tokenizer, log, **data.specials()).vocab_size
+        sections["model"]["vocab_size"] = -(-size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    return RunConfig(ModelConfig.from_dict(sections["model"]), from_dict(TrainConfig, sections["train"], "train"), data)
+
+
+VOCAB_MULTIPLE = 128  # model.vocab_size: auto rounds up to it (matmul tiles)
 
 
 def load_run_config_dict(values: dict) -> RunConfig:

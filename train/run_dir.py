@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import signal
 import time
@@ -28,6 +29,7 @@ from flax import nnx
 
 from titans.configfile import ConfigError, flat_items
 from titans.loading import BEST, CHECKPOINTS, MODEL_ITEM, RUN_FILE, load, model_checkpoint_args
+from titans.tokenizer import FILE as TOKENIZER_FILE
 from titans.train.config import RunConfig, TrainError, load_run_config_dict
 
 LOCK_FILE = ".lock"
@@ -82,10 +84,10 @@ def _differences(saved: dict, mine: dict, section: str) -> list[str]:
     return [k for k in here if there.get(k) != here[k]]
 
 
-def claim(out: Path, run: RunConfig):
+def claim(out: Path, run: RunConfig, tokenizer):
     """Check that `out` is free or holds this run, lock it (returns the open lock file; closing it
-    releases the lock) and write run.json. Two processes training into one folder would interleave
-    their checkpoints and metrics."""
+    releases the lock), write run.json and a copy of the tokenizer (so the folder loads anywhere).
+    Two processes training into one folder would interleave their checkpoints and metrics."""
     path = out / RUN_FILE
     if path.is_file():
         try:  # fill fields added since the run was made with their defaults
@@ -104,6 +106,9 @@ def claim(out: Path, run: RunConfig):
         get = lambda tree, key: tree[key[0]] if len(key) == 1 else tree[key[0]].get(key[1])
         if any(get(saved, key) != get(mine, key) for key in stream):
             raise TrainError(f"{out} holds a run with other data, seed, seq_len or batch_size: use another --out")
+        if (out / TOKENIZER_FILE).is_file() and hashlib.sha256((out / TOKENIZER_FILE).read_bytes()).hexdigest() \
+                != tokenizer.sha256:
+            raise TrainError(f"{out} holds a run with another {TOKENIZER_FILE} than {tokenizer.name}: use another --out")
     out.mkdir(parents=True, exist_ok=True)
     # One lock per job: the processes of a multi-host job share `out`, and process 0 holds it.
     lock = contextlib.nullcontext()
@@ -118,6 +123,7 @@ def claim(out: Path, run: RunConfig):
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(run.to_dict(), indent=1))
     tmp.replace(path)
+    tokenizer.save(out)
     return lock
 
 
@@ -135,7 +141,12 @@ def set_aside(manager, step: int, why: str) -> str:
     neither restores it nor is kept from saving that step again; returns the new name."""
     manager.wait_until_finished()
     folder = Path(manager.directory) / str(step)
-    aside = folder.with_name(f"{why}-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    stamp = f"{why}-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside = folder.with_name(stamp)
+    for n in range(2, 1000):  # the same step set aside twice in a second (a rollback that saved it again)
+        if not aside.exists():
+            break
+        aside = folder.with_name(f"{stamp}-{n}")
     folder.rename(aside)
     manager.reload()
     return aside.name

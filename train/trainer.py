@@ -22,11 +22,9 @@ from flax import nnx
 
 from titans.model import TitansLM
 from titans.sampling import generate
-from titans.tokenizer import get_tokenizer
 from titans.train import run_dir
 from titans.train.config import RunConfig, TrainError
-from titans.train.data import needles, pipeline
-from titans.train.data.corpus import load_split
+from titans.train.data import bpe, needles, pipeline, store
 from titans.train.mesh import global_batch, initial_memories, make_mesh, shard
 from titans.train.steps import MemoryCarry, evaluate, make_optimizer, train_step
 
@@ -101,15 +99,18 @@ def train(run: RunConfig, out: Path, *, steps: int | None = None, log: Callable[
     steps = cfg.steps if steps is None else steps
     if steps < 1:
         raise TrainError(f"steps must be >= 1 (the total to train to, resumed steps included), got {steps}")
-    tokenizer = get_tokenizer(run.data.tokenizer)
+    tokenizer = bpe.resolve(run.data.tokenizer, log, **run.data.specials())
     if run.model.vocab_size < tokenizer.vocab_size:
         raise TrainError(f"model.vocab_size={run.model.vocab_size} is smaller than the {tokenizer.name} tokenizer's "
-                         f"{tokenizer.vocab_size}: raise model.vocab_size")
+                         f"{tokenizer.vocab_size}: raise model.vocab_size (or set it to auto)")
     mix = _needle_mix(run, tokenizer)
-    train_texts, valid_texts = load_split(run.data.corpus, log)
-    train_tokens = pipeline.pack(train_texts, tokenizer, seed=cfg.seed)
-    valid_batches = pipeline.eval_batches(pipeline.pack(valid_texts, tokenizer, seed=None), seq_len=cfg.seq_len,
-                                          batch_size=cfg.batch_size, max_batches=cfg.eval_batches)
+    folder = store.prepared(run.data.corpus, tokenizer, text_field=run.data.text_field, log=log)
+    train_tokens, valid_tokens, index = store.open_store(folder, tokenizer)
+    if index["max_id"] >= run.model.vocab_size:
+        raise TrainError(f"{folder} holds token id {index['max_id']}, beyond model.vocab_size={run.model.vocab_size}: "
+                         "raise model.vocab_size or prepare the store with this run's tokenizer")
+    valid_batches = pipeline.eval_batches(valid_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                                          max_batches=cfg.eval_batches)
     if not valid_batches:
         raise TrainError(f"the held-out documents of {run.data.corpus} fill no batch of {cfg.batch_size} x "
                          f"{cfg.seq_len + 1} tokens: add held-out text or lower train.batch_size / train.seq_len")
@@ -120,7 +121,7 @@ def train(run: RunConfig, out: Path, *, steps: int | None = None, log: Callable[
         raise TrainError(f"train.batch_size={cfg.batch_size} (per process) must be a multiple of the "
                          f"{jax.local_device_count()} local devices")
     init = run_dir.initial_weights(run, log) if cfg.init_from else None
-    with run_dir.claim(out, run):
+    with run_dir.claim(out, run, tokenizer):
         return _train(run, out, steps, tokenizer, iter(dataset), valid_batches, mesh, init, log, progress)
 
 

@@ -14,6 +14,7 @@ of its documents is held out instead (said in one line).
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import io
 import json
@@ -27,7 +28,7 @@ import tarfile
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 VERSION = 1
 MANIFEST = "MANIFEST.json"
@@ -210,38 +211,92 @@ def ensure(root: Path | None = None, log: Callable[[str], None] = print) -> Path
     return root if (root / MANIFEST).is_file() else build(root, log)
 
 
-def _read_utf8(path: Path) -> str:
+FORMATS = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+
+
+def _read_utf8(path: Path, raw: bytes | None = None) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return (path.read_bytes() if raw is None else raw).decode("utf-8")
     except UnicodeDecodeError as err:
         raise CorpusError(f"{path} is not UTF-8 (byte {err.start}: {err.reason}): convert it, e.g. "
                           f"iconv -f latin1 -t utf-8, or move it out of the corpus") from None
 
 
-def read_documents(folder: Path) -> list[tuple[str, str]]:
-    """(name, text) of every `.txt` file (one document each) and every `.jsonl` line (`{"text": ...}`)
-    under `folder`, sorted by path; empty documents are skipped, a file that is not UTF-8 is an error
-    naming it."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CorpusError(f"corpus folder {folder} does not exist")
-    docs = []
-    for path in sorted(folder.rglob("*")):
-        if path.suffix == ".txt":
-            docs.append((str(path.relative_to(folder)), _read_utf8(path)))
-        elif path.suffix == ".jsonl":
-            for i, line in enumerate(_read_utf8(path).splitlines()):
-                if line.strip():
-                    try:
-                        docs.append((f"{path.relative_to(folder)}:{i}", json.loads(line)["text"]))
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise CorpusError(f"{path}:{i + 1}: each .jsonl line must be an object with a 'text' "
-                                          "string") from None
-    return [(n, t) for n, t in docs if t.strip()]
+def _jsonl(path: Path, text: str, field: str, folder: Path) -> Iterator[tuple[str, str]]:
+    for i, line in enumerate(text.splitlines()):
+        if line.strip():
+            try:
+                yield f"{path.relative_to(folder)}:{i}", json.loads(line)[field]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CorpusError(f"{path}:{i + 1}: each line must be a JSON object with a {field!r} string "
+                                  "(data.text_field names another)") from None
+
+
+def _parquet(path: Path, field: str, folder: Path) -> Iterator[tuple[str, str]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CorpusError(f"{path}: reading .parquet needs pyarrow: pip install -e '.[parquet]'") from None
+    try:
+        table = pq.ParquetFile(path)
+        if field not in table.schema_arrow.names:
+            raise CorpusError(f"{path} has no column {field!r} (columns: {', '.join(table.schema_arrow.names)}): "
+                              "name the text column with data.text_field")
+        row = 0
+        for batch in table.iter_batches(columns=[field], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                yield f"{path.relative_to(folder)}:{row}", text or ""
+                row += 1
+    except OSError as err:  # pyarrow's ArrowInvalid and ArrowIOError are OSErrors
+        raise CorpusError(f"{path} is not a readable parquet file ({str(err).splitlines()[0][:160]})") from None
+
+
+def iter_documents(source: Path, text_field: str = "text",
+                   on_skipped: Callable[[list[Path]], None] | None = None) -> Iterator[tuple[str, str]]:
+    """(name, text) of every document under `source` (a folder, read sorted by path, or one file),
+    streamed: a `.txt` file is one document; every line of a `.jsonl` or `.jsonl.gz` file and every row
+    of a `.parquet` file is one, its text in `text_field`. Empty documents are skipped; a file that
+    is not UTF-8, or not valid, is an error naming it; files of other kinds are passed to
+    `on_skipped` (never silently: by default, an error naming them)."""
+    source = Path(source)
+    if not source.exists():
+        raise CorpusError(f"corpus folder {source} does not exist")
+    folder = source if source.is_dir() else source.parent
+    paths = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+    kind = lambda p: next((f for f in FORMATS if p.name.endswith(f)), None)
+    others = [p for p in paths if kind(p) is None and not p.name.startswith(".")]
+    if others:
+        if on_skipped is None:
+            raise CorpusError(f"{others[0]} is none of {', '.join(FORMATS)} ({len(others)} such files): move "
+                              "them out of the corpus")
+        on_skipped(others)
+    for path in paths:
+        fmt = kind(path)
+        if fmt == ".txt":
+            docs = iter([(str(path.relative_to(folder)), _read_utf8(path))])
+        elif fmt == ".jsonl":
+            docs = _jsonl(path, _read_utf8(path), text_field, folder)
+        elif fmt == ".jsonl.gz":
+            try:
+                raw = gzip.decompress(path.read_bytes())
+            except (OSError, EOFError) as err:
+                raise CorpusError(f"{path} is not a readable gzip file ({err})") from None
+            docs = _jsonl(path, _read_utf8(path, raw), text_field, folder)
+        elif fmt == ".parquet":
+            docs = _parquet(path, text_field, folder)
+        else:
+            continue
+        yield from ((name, text) for name, text in docs if text.strip())
+
+
+def read_documents(folder: Path, text_field: str = "text") -> list[tuple[str, str]]:
+    """`iter_documents` as a list (small corpora: tests, the NIAH haystack, the default corpus)."""
+    return list(iter_documents(folder, text_field))
 
 
 def load_split(corpus: str = "default", log: Callable[[str], None] = print) -> tuple[list[str], list[str]]:
-    """Training and held-out document texts of `corpus` (`data.corpus`: "default" or a folder)."""
+    """Training and held-out document texts of `corpus` (`data.corpus`: "default" or a folder), in
+    memory (the NIAH haystack; training reads a token store, `titans.train.data.store`)."""
     if corpus == "default":
         root = ensure(log=log)
         train_docs, valid_docs = read_documents(root / "train"), read_documents(root / "valid")
@@ -251,13 +306,23 @@ def load_split(corpus: str = "default", log: Callable[[str], None] = print) -> t
             train_docs, valid_docs = read_documents(root / "train"), read_documents(root / "valid")
         else:
             docs = read_documents(root)
-            if len(docs) == 1:
-                raise CorpusError(f"corpus {root} holds one document, which cannot be split into training and "
-                                  "held-out text: add documents, or train/ and valid/ subfolders")
-            train_docs = [d for i, d in enumerate(docs) if i % 20]
-            valid_docs = [d for i, d in enumerate(docs) if not i % 20]
+            train_docs = [d for i, d in enumerate(docs) if not held_out(i)]
+            valid_docs = [d for i, d in enumerate(docs) if held_out(i)]
+    check_split(root, len(train_docs), len(valid_docs))
+    return [t for _, t in train_docs], [t for _, t in valid_docs]
+
+
+def held_out(index: int) -> bool:
+    """A flat corpus holds out every 20th document (by path order), the first included."""
+    return index % 20 == 0
+
+
+def check_split(root, train_docs: int, valid_docs: int) -> None:
+    if train_docs + valid_docs == 1:
+        raise CorpusError(f"corpus {root} holds one document, which cannot be split into training and "
+                          "held-out text: add documents, or train/ and valid/ subfolders")
     if not train_docs:
-        raise CorpusError(f"corpus {root} has no training documents (.txt or .jsonl): add text or fix data.corpus")
+        raise CorpusError(f"corpus {root} has no training documents (.txt, .jsonl, .jsonl.gz or .parquet): add "
+                          "text or fix data.corpus")
     if not valid_docs:
         raise CorpusError(f"corpus {root} has no held-out documents: add a valid/ folder or more documents")
-    return [t for _, t in train_docs], [t for _, t in valid_docs]

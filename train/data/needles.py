@@ -109,9 +109,14 @@ def fixed_size(task_name: str, tokenizer) -> int:
     return sum(len(tokenizer.encode(t)) for t in texts)
 
 
-def _cycle(source: np.ndarray, offset: int, n: int) -> np.ndarray:
-    """`n` tokens of `source` from `offset`, wrapping around (a haystack repeated as needed), int32."""
-    return source[(offset + np.arange(n)) % len(source)].astype(np.int32)
+def _cycle(source, offset: int, n: int) -> np.ndarray:
+    """`n` tokens of `source` (an array or a token stream: contiguous slices only) from `offset`,
+    wrapping around (a haystack repeated as needed), int32."""
+    parts, at = [], offset % len(source)
+    while n > 0:
+        parts.append(np.asarray(source[at : at + n], np.int32))
+        n, at = n - len(parts[-1]), 0
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
 def make_sample(task_name: str, length: int, depth: float, seed: int, tokenizer,
@@ -171,19 +176,24 @@ def needle_row(rng: np.random.Generator, row_len: int, min_len: int, max_len: in
 RECALL_KEY_LEN = 8
 
 
-def recall_row(rng: np.random.Generator, row_len: int, min_gap: int, max_gap: int) -> tuple[np.ndarray, np.ndarray]:
+def recall_row(rng: np.random.Generator, row_len: int, min_gap: int, max_gap: int,
+               tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
     """A dense recall row: episodes `KEY<filler> = KEY. ` back to back, KEY 8 random digits, the
-    filler `min_gap..max_gap` tokens of the passkey noise. Returns tokens `[row_len]` int32 (bytes)
-    and a mask `[row_len]`: True where the token is a recalled digit (the second KEY). Recall is
-    the skill every needle task needs, here with 8 recalled tokens per episode instead of a few
-    per row."""
-    noise = np.frombuffer(NOISE.encode() * (max_gap // len(NOISE) + 2), np.uint8)
+    filler `min_gap..max_gap` tokens of the passkey noise. Returns tokens `[row_len]` int32 and a
+    mask `[row_len]`: True where the token is a recalled one (the second KEY). Recall is the skill
+    every needle task needs, here with a whole key recalled per episode instead of a few tokens per
+    row. The pieces are encoded apart (bytes when `tokenizer` is None), so the recalled KEY is
+    exactly the tokens of the first."""
+    encode = (lambda t: np.frombuffer(t.encode(), np.uint8)) if tokenizer is None else tokenizer.encode
+    noise = np.asarray(encode(NOISE), np.int32)
+    equals, stop = np.asarray(encode(" = "), np.int32), np.asarray(encode(". "), np.int32)
     parts, marks, size = [], [], 0
     while size < row_len:
-        key = rng.integers(ord("0"), ord("9") + 1, RECALL_KEY_LEN).astype(np.uint8)
-        start, gap = int(rng.integers(len(NOISE))), int(rng.integers(min_gap, max_gap + 1))
-        head = np.concatenate([key, noise[start : start + gap], np.frombuffer(b" = ", np.uint8)])
-        parts += [head, key, np.frombuffer(b". ", np.uint8)]
-        marks += [np.zeros(len(head), bool), np.ones(RECALL_KEY_LEN, bool), np.zeros(2, bool)]
-        size += len(head) + RECALL_KEY_LEN + 2
+        key = np.asarray(encode(bytes(rng.integers(ord("0"), ord("9") + 1, RECALL_KEY_LEN).astype(np.uint8)).decode()),
+                         np.int32)
+        start, gap = int(rng.integers(len(noise))), int(rng.integers(min_gap, max_gap + 1))
+        head = np.concatenate([key, _cycle(noise, start, gap), equals])
+        parts += [head, key, stop]
+        marks += [np.zeros(len(head), bool), np.ones(len(key), bool), np.zeros(len(stop), bool)]
+        size += len(head) + len(key) + len(stop)
     return np.concatenate(parts)[:row_len].astype(np.int32), np.concatenate(marks)[:row_len]

@@ -1,9 +1,10 @@
-"""Documents -> tokens -> packed fixed-length training windows, as a grain pipeline.
+"""A token stream -> packed fixed-length training windows, as a grain pipeline.
 
-Documents are shuffled with the seed, encoded and concatenated with an EOS after each (the
-boundaries stay marked; memory and attention run across them, spec section 4). The stream is cut
-into windows of `seq_len + 1` tokens (inputs and shifted targets) at a stride of `seq_len`. grain
-shuffles the windows per epoch with the seed, shards them over processes, batches and prefetches;
+The stream is a split of a token store (`titans.train.data.store`: documents encoded and
+concatenated with an EOS after each; the boundaries stay marked, memory and attention run across
+them, spec section 4), or an in-memory array (`pack`). It is cut into windows of `seq_len + 1`
+tokens (inputs and shifted targets) at a stride of `seq_len`. grain shuffles the windows per epoch
+with the seed, shards them over processes (each reads only its own windows), batches and prefetches;
 the iterator's state (`get_state` / `set_state`) is saved with every checkpoint, so a resumed run
 sees exactly the batches the uninterrupted one would.
 
@@ -18,14 +19,15 @@ import dataclasses
 import grain
 import numpy as np
 
+from titans.tokenizer import Tokenizer
 from titans.train.data import needles
-from titans.tokenizer import ByteTokenizer
 
 
-def pack(texts: list[str], tokenizer: ByteTokenizer, seed: int | None) -> np.ndarray:
-    """One uint16 token stream: documents in a seeded order (as given when seed is None), EOS after each."""
+def pack(texts: list[str], tokenizer: Tokenizer, seed: int | None) -> np.ndarray:
+    """One token stream in memory: documents in a seeded order (as given when seed is None), EOS after
+    each; what a store prepared from the same documents holds (with seed None)."""
     order = np.arange(len(texts)) if seed is None else np.random.default_rng(seed).permutation(len(texts))
-    eos = np.array([tokenizer.EOS], np.uint16)
+    eos = np.array([tokenizer.eos], np.uint32)
     return np.concatenate([part for i in order for part in (tokenizer.encode(texts[i]), eos)])
 
 
@@ -54,7 +56,7 @@ class NeedleMix:
     tasks: tuple[str, ...]
     min_len: int
     curriculum_steps: int
-    tokenizer: ByteTokenizer
+    tokenizer: Tokenizer
     answer_weight: float = 1.0
     recall_fraction: float = 0.0
     recall_max_gap: int = 0
@@ -67,7 +69,7 @@ class NeedleMix:
             return text_row(window)
         progress = min(1.0, (index // batch_size) / self.curriculum_steps) if self.curriculum_steps else 1.0
         if draw >= self.fraction:
-            tokens, recalled = needles.recall_row(rng, len(window), 0, int(progress * self.recall_max_gap))
+            tokens, recalled = needles.recall_row(rng, len(window), 0, int(progress * self.recall_max_gap), self.tokenizer)
             row = text_row(tokens)
             row["weights"][recalled[1:]] = self.answer_weight
             return row
