@@ -7,7 +7,6 @@ again", not "done" (0) or "failed" (1). `titans.train.run_dir` says what the run
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from pathlib import Path
@@ -22,17 +21,16 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, help="total steps (default: train.steps of the config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
     p.add_argument("--distributed", action="store_true",
-                   help="multi-host: call jax.distributed.initialize() (automatic when JAX_COORDINATOR_ADDRESS is set)")
+                   help="several processes, found by JAX (SLURM, TPU pod slices, Open MPI); automatic when "
+                        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID are set (README, Several hosts)")
     args = p.parse_args(argv)
 
+    from titans.train import hosts
     from titans.train.config import load_run_config
     from titans.train.trainer import train
 
     run = load_run_config(args.config, args.overrides)
-    if args.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        import jax
-
-        jax.distributed.initialize()  # detects SLURM / TPU pods / Open MPI, or reads JAX_* variables
+    hosts.initialize(args.distributed, run.train.heartbeat_timeout)
     out = Path(args.out or f"runs/{Path(str(args.config)).stem}-{run.model.variant}")
     summary = train(run, out, steps=args.steps, progress=not args.no_progress)
     line = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items() if k != "sample")

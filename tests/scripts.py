@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -31,3 +32,9 @@ def run_script(name: str, *argv: str) -> tuple[int, str, str]:
             if isinstance(exit_.code, str):
                 print(exit_.code, file=err)
     return code, out.getvalue(), err.getvalue()
+
+
+def logged_losses(out: Path) -> dict[int, float]:
+    """{step: training loss} of a run folder's metrics.jsonl."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}

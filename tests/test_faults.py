@@ -81,6 +81,10 @@ CASES = {
     "batch larger than the training text": ("train", ["--set", "train.batch_size=64", "--set", "train.eval_batches=1",
                                                       "--set", "data.corpus={world}/smalltrain"], "fewer than batch_size"),
     "not a number": ("train", ["--steps", "ten"], "argument --steps: invalid int value: 'ten'", 2),
+    "batch not split by grad_accum": ("train", ["--set", "train.grad_accum=3"],
+                                      "train.batch_size=2 (the global batch) must be a multiple of the 1 devices x "
+                                      "train.grad_accum=3"),
+    "zero grad_accum": ("train", ["--set", "train.grad_accum=0"], "train.grad_accum"),
     "init_from nowhere": ("train", ["--set", "train.init_from={world}/nope"], "is neither a run folder"),
     "store missing a shard": ("train", ["--set", "data.corpus={world}/store-missing"], "is missing: the store is incomplete"),
     "store shard cut short": ("train", ["--set", "data.corpus={world}/store-short"], "the store is damaged"),
@@ -161,6 +165,26 @@ def _prepare(world: Path) -> None:
                 truncate(path, 0.5)
 
 
+LAUNCHES = {  # the distributed runtime's variables, checked before JAX is asked to start it
+    "no process count": ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"}, "JAX_NUM_PROCESSES and JAX_PROCESS_ID not"),
+    "no process id": ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2"}, "JAX_PROCESS_ID not"),
+    "process id out of range": ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2",
+                                 "JAX_PROCESS_ID": "2"}, "JAX_PROCESS_ID=2 must lie in [0, JAX_NUM_PROCESSES=2)"),
+    "process count not a number": ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "two",
+                                    "JAX_PROCESS_ID": "0"}, "must be integers"),
+}
+
+
+@pytest.mark.parametrize("case", list(LAUNCHES))
+def test_bad_launch_is_one_line(world, tmp_path, monkeypatch, case):
+    env, message = LAUNCHES[case]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = run_script("train", "--config", "tiny", "--out", str(tmp_path / "run"))
+    assert code == 1 and err.startswith("train: ") and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_and_changes_nothing(world, tmp_path, case):
     _prepare(world)
@@ -223,9 +247,9 @@ def test_rollback_restores_the_last_good_checkpoint_and_skips_the_batches(world,
 
     real, calls = trainer.train_step, []
 
-    def step(*args):
+    def step(*args, **kwargs):
         calls.append(1)
-        loss, *rest = real(*args)
+        loss, *rest = real(*args, **kwargs)
         return (float("nan") if len(calls) in nan_at else loss, *rest)
 
     monkeypatch.setattr(trainer, "train_step", step)

@@ -4,6 +4,7 @@ fail with one line and overwrite nothing. Tiny preset on a text made here."""
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import json
 import logging
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.scripts import logged_losses as losses
 from tests.scripts import run_script
 from titans.loading import restore_trained
 from titans.tokenizer import ByteTokenizer
@@ -29,33 +31,12 @@ pytestmark = pytest.mark.xdist_group("train")
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 24  # long enough (8 checkpoints) that the signal, sent as soon as 6 steps are logged, lands mid-run
-WORDS = "the memory writes what surprises it and forgets what it no longer needs while attention reads".split()
-
-
-@pytest.fixture(scope="module")
-def text_corpus(tmp_path_factory) -> Path:
-    """40 small documents: train/ and valid/ folders of .txt and .jsonl."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 30), ("valid", 4)):
-        (root / split).mkdir()
-        for i in range(count):
-            words = rng.choice(WORDS, size=int(rng.integers(60, 200)))
-            (root / split / f"doc{i:02d}.txt").write_text(" ".join(words) + ".\n")
-    rows = [json.dumps({"text": " ".join(rng.choice(WORDS, size=80))}) for _ in range(6)]
-    (root / "train" / "more.jsonl").write_text("\n".join(rows) + "\n")
-    return root
 
 
 def overrides(text_corpus: Path, **train) -> list[str]:
     fields = dict(seq_len=32, batch_size=2, log_every=1, eval_every=4, eval_batches=2, checkpoint_every=3,
                   sample_tokens=0, warmup_steps=2) | train
     return [f"data.corpus={text_corpus}", "model.variant=mac"] + [f"train.{k}={v}" for k, v in fields.items()]
-
-
-def losses(out: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def test_pipeline_is_deterministic_and_sharded(text_corpus):
@@ -67,19 +48,24 @@ def test_pipeline_is_deterministic_and_sharded(text_corpus):
     assert not np.array_equal(tokens, pipeline.pack(texts, tok, seed=4))
     assert np.sum(tokens == tok.eos) == len(texts) and tok.decode(tokens).count(".") >= 30
 
-    def batches(seed, shard=0, count=1, n=6):
-        it = iter(pipeline.train_dataset(tokens, seq_len=16, batch_size=2, seed=seed, shard_index=shard,
-                                         shard_count=count))
+    def batches(seed, process=0, processes=1, n=6, start=0, batch_size=4):
+        it = iter(pipeline.train_dataset(tokens, seq_len=16, batch_size=batch_size, seed=seed, start=start,
+                                         process=process, processes=processes))
         rows = [next(it) for _ in range(n)]
-        assert all(np.array_equal(r["weights"], np.ones((2, 16))) for r in rows)
+        assert all(np.array_equal(r["weights"], np.ones((batch_size // processes, 16))) for r in rows)
         return [r["tokens"] for r in rows]
 
     a, b = batches(0), batches(0)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, y) for x, y in zip(a, batches(1)))
-    # Two shards take disjoint windows.
-    starts = lambda bs: {bytes(w[:8].astype(np.uint16)) for b in bs for w in b}
-    assert not starts(batches(0, 0, 2, 3)) & starts(batches(0, 1, 2, 3))
+    # Batch i is the same from index 0 or from a resume at i; two processes' rows make it up.
+    assert all(np.array_equal(x, y) for x, y in zip(a[2:], batches(0, start=2, n=4)))
+    halves = [batches(0, p, 2) for p in (0, 1)]
+    assert all(np.array_equal(np.concatenate([x, y]), z) for x, y, z in zip(*halves, a))
+    # The first epoch's batches hold each window at most once.
+    every = pipeline.windows(tokens, 16)
+    seen = collections.Counter(bytes(w) for b in batches(0, n=len(every) // 4) for w in b)
+    assert not seen - collections.Counter(bytes(every[i]) for i in range(len(every)))
     # A flat folder is split by document: every document in exactly one side.
     flat = [t for _, t in corpus.read_documents(text_corpus / "train")]
     train_texts, valid_texts = corpus.load_split(str(text_corpus / "train"), log=print)

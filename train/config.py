@@ -48,6 +48,12 @@ class TrainConfig:
     # folder, with the same model config. The optimizer and data stream start fresh.
     init_from: str = ""
     fsdp: int = 1  # devices on the mesh's "fsdp" axis (parameters sharded); the rest is the "data" axis
+    # `batch_size` is the global batch, over every device of every process; its gradient is summed
+    # over `grad_accum` micro-batches run one after another (the same update, less activation memory).
+    grad_accum: int = 1
+    # Several processes: seconds without a heartbeat after which the coordination service declares a
+    # process dead and the others stop (titans.train.hosts).
+    heartbeat_timeout: int = 100
     # State passing (Buitrago Ruiz & Gu 2025, arXiv 2507.02782): the probability that a row's memory
     # starts from the memory its batch slot ended the previous step with, instead of W^0. Chains of
     # rows show training the states of streams far longer than one row, which is what a recurrent
@@ -66,7 +72,7 @@ class TrainConfig:
     def __post_init__(self):
         check_field_types(self, "train")
         check_positive(self, "train", "seq_len", "batch_size", "steps", "log_every", "eval_every", "eval_batches",
-                       "checkpoint_every", "keep_checkpoints", "fsdp")
+                       "checkpoint_every", "keep_checkpoints", "fsdp", "grad_accum", "heartbeat_timeout")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.lr must be > 0 and train.min_lr_ratio in [0, 1], got {self.lr}, {self.min_lr_ratio}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip <= 0 or self.sample_tokens < 0:

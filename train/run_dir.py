@@ -2,10 +2,10 @@
 checkpoint managers, restoring with fallback, and the metrics file.
 
     run.json          the run configuration (a resume must use the same model config and data stream)
-    .lock             held (flock) by the process that trains into the folder
+    .lock             held (flock) by the process that trains into the folder (process 0 of several)
     metrics.jsonl     one JSON line per logged step (and per evaluation)
     tb/               TensorBoard event files (tensorboardX)
-    checkpoints/      orbax: the last `keep_checkpoints` steps (params, optimizer, data iterator, RNG)
+    checkpoints/      orbax: the last `keep_checkpoints` steps (params, optimizer, RNG and next batch)
     best/             the parameters with the lowest held-out loss so far
 `titans.load` reads the model back for inference.
 """
@@ -16,53 +16,35 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import signal
 import time
 from pathlib import Path
 from typing import Callable
 
-import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from titans.configfile import ConfigError, flat_items
 from titans.loading import BEST, CHECKPOINTS, MODEL_ITEM, RUN_FILE, load, model_checkpoint_args
 from titans.tokenizer import FILE as TOKENIZER_FILE
+from titans.train import hosts
 from titans.train.config import RunConfig, TrainError, load_run_config_dict
 
 LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.jsonl"
 
 
-class Stop:
-    """SIGTERM / SIGINT set a flag; the loop saves at the next step boundary and returns."""
-
-    def __init__(self):
-        self.signal = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def checkpoint_args(model, optimizer, iterator, rng, save: bool):
-    """Save (or restore into) params, optimizer state, data iterator and RNG as one orbax Composite."""
-    arrays = ocp.args.StandardSave if save else ocp.args.StandardRestore
-    data = grain.checkpoint.CheckpointSave if save else grain.checkpoint.CheckpointRestore
-    return ocp.args.Composite(**{MODEL_ITEM: model_checkpoint_args(model, save)},
-                              optimizer=arrays(nnx.state(optimizer)), data=data(iterator),
-                              rng=arrays({"key": jax.random.key_data(rng)}))
+def checkpoint_args(model, optimizer, position: dict | None):
+    """Save (or, with `position` None, restore into) params, optimizer state and the run's position:
+    {"key": RNG key data, "batch": the index of the next training batch} (numpy, the same on every
+    process; the batches are a function of that index, `titans.train.data.pipeline.train_dataset`,
+    so a checkpoint resumes on any number of processes)."""
+    arrays = ocp.args.StandardSave if position is not None else ocp.args.StandardRestore
+    return ocp.args.Composite(**{MODEL_ITEM: model_checkpoint_args(model, position is not None)},
+                              optimizer=arrays(nnx.state(optimizer)),
+                              position=ocp.args.JsonSave(position) if position is not None else ocp.args.JsonRestore())
 
 
 def model_only_args(model):
@@ -110,16 +92,17 @@ def claim(out: Path, run: RunConfig, tokenizer):
                 != tokenizer.sha256:
             raise TrainError(f"{out} holds a run with another {TOKENIZER_FILE} than {tokenizer.name}: use another --out")
     out.mkdir(parents=True, exist_ok=True)
-    # One lock per job: the processes of a multi-host job share `out`, and process 0 holds it.
-    lock = contextlib.nullcontext()
-    if jax.process_index() == 0:
-        lock = (out / LOCK_FILE).open("a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise TrainError(f"another process is training into {out} (it holds {out / LOCK_FILE}): wait for it "
-                             "to stop or use another --out") from None
+    # One lock per job, held by process 0: the processes of a multi-host job share `out`, and fcntl
+    # locks are not reliable across hosts on every shared filesystem (NFS without lockd).
+    if not hosts.is_main():
+        return contextlib.nullcontext()
+    lock = (out / LOCK_FILE).open("a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise TrainError(f"another process is training into {out} (it holds {out / LOCK_FILE}): wait for it "
+                         "to stop or use another --out") from None
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(run.to_dict(), indent=1))
     tmp.replace(path)
@@ -138,7 +121,8 @@ def first_line(err: BaseException, limit: int = 160) -> str:
 
 def set_aside(manager, step: int, why: str) -> str:
     """Move checkpoint `step` to `<why>-<step>-<time>` beside it (kept, never deleted), so the run
-    neither restores it nor is kept from saving that step again; returns the new name."""
+    neither restores it nor is kept from saving that step again; returns the new name. Process 0
+    moves it while the others wait."""
     manager.wait_until_finished()
     folder = Path(manager.directory) / str(step)
     stamp = f"{why}-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -147,19 +131,29 @@ def set_aside(manager, step: int, why: str) -> str:
         if not aside.exists():
             break
         aside = folder.with_name(f"{stamp}-{n}")
-    folder.rename(aside)
+    if hosts.is_main():
+        folder.rename(aside)
+    hosts.barrier(f"set-aside-{why}-{step}")
     manager.reload()
     return aside.name
 
 
-def restore_latest(manager, model, optimizer, iterator, rng, log) -> tuple[int, jax.Array]:
-    """Restore the newest readable checkpoint (falling back to older ones, saying so); (step, rng).
+def restore_latest(manager, model, optimizer, rng, log) -> tuple[int, jax.Array, int]:
+    """Restore the newest readable checkpoint (falling back to older ones, saying so); (step, rng,
+    the index of the next training batch), or (0, rng, 0) with none.
 
     An unreadable step folder is set aside as `unreadable-<step>-<time>`.
     """
     for step in sorted(manager.all_steps(), reverse=True):
+        legacy = not (Path(manager.directory) / str(step) / "position").exists()
         try:
-            restored = manager.restore(step, args=checkpoint_args(model, optimizer, iterator, rng, save=False))
+            if legacy:  # saved before the position item: the RNG alone, the data iterator at `step`
+                args = ocp.args.Composite(**{MODEL_ITEM: model_checkpoint_args(model, False)},
+                                          optimizer=ocp.args.StandardRestore(nnx.state(optimizer)),
+                                          rng=ocp.args.StandardRestore())
+            else:
+                args = checkpoint_args(model, optimizer, None)
+            restored = manager.restore(step, args=args)
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: fall back, never delete it
             aside = set_aside(manager, step, "unreadable")
             log(f"checkpoint step {step} is unreadable ({first_line(err)}); moved it to {aside} and trying the "
@@ -167,10 +161,15 @@ def restore_latest(manager, model, optimizer, iterator, rng, log) -> tuple[int, 
             continue
         nnx.update(model, restored[MODEL_ITEM])
         nnx.update(optimizer, restored["optimizer"])
-        rng = jax.random.wrap_key_data(jnp.asarray(restored["rng"]["key"]))
+        position = {"key": restored["rng"]["key"], "batch": step} if legacy else restored["position"]
         log(f"resumed from step {step}")
-        return step, rng
-    return 0, rng
+        return step, jax.random.wrap_key_data(jnp.asarray(np.asarray(position["key"], np.uint32))), position["batch"]
+    return 0, rng, 0
+
+
+def position(rng: jax.Array, batch: int) -> dict:
+    """What a checkpoint saves of the run's position (`checkpoint_args`)."""
+    return {"key": np.asarray(jax.random.key_data(rng)).tolist(), "batch": batch}
 
 
 def trim_metrics(path: Path, step: int) -> None:

@@ -86,12 +86,17 @@ def carried_start(model: TitansLM, carry: MemoryCarry) -> ModelState:
                               for f, c in zip(fresh, carry.memories)])
 
 
-def loss_and_gate_means(model: TitansLM, batch: dict[str, jax.Array], carry: MemoryCarry | None):
+def loss_and_gate_means(model: TitansLM, batch: dict[str, jax.Array], carry: MemoryCarry | None,
+                        total_weight: jax.Array | None = None):
     """The loss and ({"theta", "eta", "alpha"}: each gate's mean over the memory calls of the pass
-    (empty without memory), the memory states after the rows when passing them, else None)."""
+    (empty without memory), the memory states after the rows when passing them, else None). With
+    `total_weight`, the loss is the weighted sum over `total_weight`: a micro-batch's share of the
+    loss of the batch whose weights sum to it."""
     def loss_fn(model):
         nll, end = token_nll(model, batch["tokens"], None if carry is None else carried_start(model, carry))
-        return weighted_mean(nll, batch["weights"]), None if carry is None else model.memory_states(end)
+        loss = (weighted_mean(nll, batch["weights"]) if total_weight is None else
+                jnp.sum(batch["weights"] * nll) / total_weight)
+        return loss, None if carry is None else model.memory_states(end)
 
     (loss, memories), layers = record(model, loss_fn, telemetry=GATE_TELEMETRY)
     calls = [means for layer in layers for means in layer.get("gate_means", ())]
@@ -99,13 +104,51 @@ def loss_and_gate_means(model: TitansLM, batch: dict[str, jax.Array], carry: Mem
     return loss, (means, memories)
 
 
-@nnx.jit(donate_argnums=(0, 1))
+def _micro_batches(tree, accum: int):
+    """Leaves `[B, ...]` -> `[accum, B / accum, ...]`, micro-batch i taking rows i, accum + i, ...:
+    each device's block of rows splits into whole micro-batches, so no row moves between devices.
+    Scalars (a memory state's chunk offset) are repeated `accum` times."""
+    return jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1) if x.ndim else
+                        jnp.broadcast_to(x, (accum,)), tree)
+
+
+def _whole_batch(tree, like):
+    """The inverse of `_micro_batches` on what a scan stacked; a leaf that is a scalar in `like`
+    (equal over micro-batches) is taken once."""
+    return jax.tree.map(lambda x, ref: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]) if ref.ndim else x[-1], tree, like)
+
+
+def accumulated_gradients(model: TitansLM, batch: dict[str, jax.Array], carry: MemoryCarry | None, accum: int):
+    """`nnx.value_and_grad(loss_and_gate_means)` of the batch, summed over `accum` micro-batches run
+    one after another (a scan: the activations of one micro-batch live at a time). The loss and
+    gradients are those of the whole batch up to float32 round-off: each micro-batch's loss is its
+    weighted sum over the whole batch's total weight."""
+    grad_fn = nnx.value_and_grad(loss_and_gate_means, has_aux=True)
+    if accum == 1:
+        return grad_fn(model, batch, carry)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    total = jnp.sum(batch["weights"])
+    # jax's own transform inside the scan: nnx's would see the module's variables of the outer trace.
+    loss_of = lambda params, rest, part: loss_and_gate_means(nnx.merge(graphdef, params, rest), *part, total)
+
+    def micro(grads, part):
+        (loss, (means, memories)), g = jax.value_and_grad(loss_of, has_aux=True)(params, rest, part)
+        return jax.tree.map(jnp.add, grads, g), (loss, means, memories)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (losses, means, memories) = jax.lax.scan(micro, zeros, _micro_batches((batch, carry), accum))
+    if carry is not None:
+        memories = _whole_batch(memories, carry.memories)
+    return (jnp.sum(losses), (jax.tree.map(jnp.mean, means), memories)), grads
+
+
+@nnx.jit(donate_argnums=(0, 1), static_argnames="accum")
 def train_step(model: TitansLM, optimizer: nnx.Optimizer, batch: dict[str, jax.Array], lr: jax.Array,
-               carry: MemoryCarry | None = None):
+               carry: MemoryCarry | None = None, accum: int = 1):
     """One optimizer step at learning rate `lr` (a float32 scalar) on a batch {"tokens", "weights"}
-    (titans.train.data.pipeline): (loss, gradient global norm, gate means, memory states after the
-    rows when `carry` is given, else None)."""
-    (loss, (gate_means, memories)), grads = nnx.value_and_grad(loss_and_gate_means, has_aux=True)(model, batch, carry)
+    (titans.train.data.pipeline), its gradients accumulated over `accum` micro-batches: (loss,
+    gradient global norm, gate means, memory states after the rows when `carry` is given, else None)."""
+    (loss, (gate_means, memories)), grads = accumulated_gradients(model, batch, carry, accum)
     optimizer.update(model, grads, lr=lr)
     return loss, optax.tree.norm(grads), gate_means, memories
 
@@ -115,9 +158,10 @@ def eval_step(model: TitansLM, batch: jax.Array) -> jax.Array:
     return next_token_loss(model, batch)[1]
 
 
-def evaluate(model: TitansLM, batches, tokenizer) -> dict:
-    """Held-out loss (nats per token) and bits per byte over `batches` `[B, L + 1]`."""
-    nats = sum(float(eval_step(model, jnp.asarray(b))) for b in batches)
+def evaluate(model: TitansLM, batches, tokenizer, put=jnp.asarray) -> dict:
+    """Held-out loss (nats per token) and bits per byte over `batches` `[B, L + 1]` (numpy, whole on
+    every process; `put` makes the model's input of one, e.g. this process's rows of a global batch)."""
+    nats = sum(float(eval_step(model, put(b))) for b in batches)
     tokens = sum(b[:, 1:].size for b in batches)
     text_bytes = sum(tokenizer.count_bytes(b[:, 1:]) for b in batches)
     return {"valid_loss": nats / tokens, "valid_bpb": nats / math.log(2) / max(text_bytes, 1)}

@@ -2,13 +2,15 @@
 (or `steps=`), writing the run folder `out` (`titans.train.run_dir`: run.json, metrics, TensorBoard,
 checkpoints). Rerunning with the same `out` resumes from the newest readable checkpoint; the losses
 after a resume equal those of an uninterrupted run to the last bit on CPU. SIGTERM / SIGINT save and
-return.
+return. On several processes (`titans.train.hosts`) each feeds its rows of the global batch, process 0
+writes the run's files, and a signal to any process stops all at the same step.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -22,7 +24,7 @@ from flax import nnx
 
 from titans.model import TitansLM
 from titans.sampling import generate
-from titans.train import run_dir
+from titans.train import hosts, run_dir
 from titans.train.config import RunConfig, TrainError
 from titans.train.data import bpe, needles, pipeline, store
 from titans.train.mesh import global_batch, initial_memories, make_mesh, shard
@@ -95,6 +97,8 @@ def train(run: RunConfig, out: Path, *, steps: int | None = None, log: Callable[
     """
     _mark_absl_flags_parsed()
     out = Path(out)
+    if not hosts.is_main():  # process 0 reports for all; errors still raise everywhere
+        log = lambda line: None  # noqa: E731
     cfg = run.train
     steps = cfg.steps if steps is None else steps
     if steps < 1:
@@ -109,23 +113,30 @@ def train(run: RunConfig, out: Path, *, steps: int | None = None, log: Callable[
     if index["max_id"] >= run.model.vocab_size:
         raise TrainError(f"{folder} holds token id {index['max_id']}, beyond model.vocab_size={run.model.vocab_size}: "
                          "raise model.vocab_size or prepare the store with this run's tokenizer")
-    valid_batches = pipeline.eval_batches(valid_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+    devices, local = jax.device_count(), jax.local_device_count()
+    if cfg.batch_size % (devices * cfg.grad_accum):
+        raise TrainError(f"train.batch_size={cfg.batch_size} (the global batch) must be a multiple of the {devices} "
+                         f"devices x train.grad_accum={cfg.grad_accum}")
+    # Evaluation runs a micro-batch's rows at a time (its activations are what fits).
+    eval_size = cfg.batch_size // cfg.grad_accum
+    valid_batches = pipeline.eval_batches(valid_tokens, seq_len=cfg.seq_len, batch_size=eval_size,
                                           max_batches=cfg.eval_batches)
     if not valid_batches:
-        raise TrainError(f"the held-out documents of {run.data.corpus} fill no batch of {cfg.batch_size} x "
+        raise TrainError(f"the held-out documents of {run.data.corpus} fill no batch of {eval_size} x "
                          f"{cfg.seq_len + 1} tokens: add held-out text or lower train.batch_size / train.seq_len")
-    dataset = pipeline.train_dataset(train_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                                     shard_index=jax.process_index(), shard_count=jax.process_count(), mix=mix)
+    batches = functools.partial(pipeline.train_dataset, train_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                                seed=cfg.seed, process=jax.process_index(), processes=jax.process_count(), mix=mix)
+    batches()  # checks that the stream fills a batch
     mesh = make_mesh(cfg.fsdp)
-    if cfg.batch_size % (jax.device_count() // jax.process_count()):
-        raise TrainError(f"train.batch_size={cfg.batch_size} (per process) must be a multiple of the "
-                         f"{jax.local_device_count()} local devices")
+    log(f"{jax.process_count()} process(es) x {local} {jax.devices()[0].platform} device(s), mesh "
+        f"{dict(mesh.shape)}: batch {cfg.batch_size} = {cfg.batch_size // devices // cfg.grad_accum} rows per device x "
+        f"{devices} devices" + (f" x {cfg.grad_accum} accumulated micro-batches" if cfg.grad_accum > 1 else ""))
     init = run_dir.initial_weights(run, log) if cfg.init_from else None
     with run_dir.claim(out, run, tokenizer):
-        return _train(run, out, steps, tokenizer, iter(dataset), valid_batches, mesh, init, log, progress)
+        return _train(run, out, steps, tokenizer, batches, valid_batches, mesh, init, log, progress)
 
 
-def _train(run: RunConfig, out: Path, steps: int, tokenizer, iterator, valid_batches, mesh, init, log,
+def _train(run: RunConfig, out: Path, steps: int, tokenizer, batches, valid_batches, mesh, init, log,
            progress) -> dict:
     cfg = run.train
     model = TitansLM(run.model, rngs=nnx.Rngs(cfg.seed))
@@ -136,7 +147,8 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, iterator, valid_bat
     rng = jax.random.key(cfg.seed + 1)
 
     manager, best = run_dir.checkpoint_managers(out, cfg.keep_checkpoints)
-    start, rng = run_dir.restore_latest(manager, model, optimizer, iterator, rng, log)
+    start, rng, next_batch = run_dir.restore_latest(manager, model, optimizer, rng, log)
+    iterator = iter(batches(start=next_batch))
     if not start and init is not None:
         nnx.update(model, init)
         shard(model, mesh)
@@ -146,10 +158,13 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, iterator, valid_bat
 
     metrics_path = out / run_dir.METRICS_FILE
     writer = metrics_file = None
+    main = hosts.is_main()  # process 0 writes the metrics, TensorBoard and the progress bar
 
     def open_logs(after: int) -> None:
         """(Re)open the metrics and TensorBoard files, dropping what was logged after step `after`."""
         nonlocal writer, metrics_file
+        if not main:
+            return
         for f in (writer, metrics_file):
             if f is not None:
                 f.close()
@@ -159,12 +174,14 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, iterator, valid_bat
 
     open_logs(start)
     bar = None
-    if progress:
+    if progress and main:
         from tqdm import tqdm
 
         bar = tqdm(total=steps, initial=start, desc=f"train {run.model.variant}", unit="step", dynamic_ncols=True)
 
     def record(row: dict) -> None:
+        if not main:
+            return
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
         for k, v in row.items():
@@ -172,17 +189,21 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, iterator, valid_bat
                 writer.add_scalar(k, v, row["step"])
 
     def save(step: int) -> None:
-        manager.save(step, args=run_dir.checkpoint_args(model, optimizer, iterator, rng, save=True), force=True)
+        manager.save(step, args=run_dir.checkpoint_args(model, optimizer, run_dir.position(rng, next_batch)),
+                     force=True)
 
     def fresh_memories():
         # State passing: every chain starts at W^0 (keep all False) on a process's first step.
         return initial_memories(model, cfg.batch_size, mesh) if cfg.state_passing else None
 
-    status, stopped_by, last, tokens_per_step = "done", None, {}, cfg.batch_size * cfg.seq_len * jax.process_count()
-    memories, keep_rng, first = fresh_memories(), np.random.default_rng([cfg.seed, jax.process_index(), start]), start
+    status, stopped_by, last, tokens_per_step = "done", None, {}, cfg.batch_size * cfg.seq_len
+    # This process's rows of a global training batch and of an evaluation batch.
+    rows, eval_rows = (np.arange(n).reshape(jax.process_count(), -1)[jax.process_index()]
+                       for n in (cfg.batch_size, cfg.batch_size // cfg.grad_accum))
+    memories, keep_rng, first = fresh_memories(), np.random.default_rng([cfg.seed, start]), start
     watch, rollbacks = _LossWatch(cfg.loss_spike), 0
     t_log, logged, step = time.perf_counter(), start, start
-    with run_dir.Stop() as stop:
+    with hosts.Stop() as stop:
         try:
             while step < steps:
                 step += 1
@@ -190,14 +211,16 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, iterator, valid_bat
                 with jax.set_mesh(mesh):  # the Pallas kernels map themselves over the batch under it
                     carry = None
                     if memories is not None:
-                        keep = keep_rng.random(cfg.batch_size) < cfg.state_passing
+                        keep = keep_rng.random(cfg.batch_size)[rows] < cfg.state_passing
                         carry = MemoryCarry(memories, global_batch(keep & (step > first + 1), mesh))
                     loss, grad_norm, gate_means, memories = train_step(
-                        model, optimizer, global_batch(next(iterator), mesh), lr, carry)
+                        model, optimizer, global_batch(next(iterator), mesh), lr, carry, accum=cfg.grad_accum)
+                next_batch += 1
                 watch.add(step, loss)
+                stopping = stop.reached(step)
                 logging = step % cfg.log_every == 0 or step == steps
                 evaluating = step % cfg.eval_every == 0 or step == steps
-                saving = step % cfg.checkpoint_every == 0 or step == steps or stop.signal is not None
+                saving = step % cfg.checkpoint_every == 0 or step == steps or stopping
                 if logging or evaluating or saving:  # never log, evaluate or save after a divergence
                     try:
                         watch.check()
@@ -211,9 +234,9 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, iterator, valid_bat
                                              f"{'step ' + str(good) if good else 'none'} in {out}: resume with a "
                                              "lower train.lr, or set train.on_divergence=rollback") from None
                         rollbacks += 1
-                        step, rng = run_dir.restore_latest(manager, model, optimizer, iterator, rng, log)
-                        for _ in range(div.step - step):  # the batches that led to the divergence
-                            next(iterator)
+                        step, rng, next_batch = run_dir.restore_latest(manager, model, optimizer, rng, log)
+                        next_batch += div.step - step  # skip the batches that led to the divergence
+                        iterator = iter(batches(start=next_batch))
                         log(f"{div}: rolled back to step {step} and skipped the {div.step - step} batches after "
                             f"it (rollback {rollbacks} of at most {cfg.max_rollbacks})")
                         open_logs(step)
@@ -239,7 +262,8 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, iterator, valid_bat
                     bar.update(1)
                 if evaluating:
                     with jax.set_mesh(mesh):
-                        result = evaluate(model, valid_batches, tokenizer)
+                        put = lambda b: global_batch(b[eval_rows], mesh)  # noqa: E731
+                        result = evaluate(model, valid_batches, tokenizer, put=put)
                     record({"step": step, **result})
                     last.update(result)
                     if step not in best.all_steps():  # a resumed run may evaluate a step again
@@ -248,9 +272,7 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, iterator, valid_bat
                     save(step)
                 if evaluating or saving:
                     t_log = time.perf_counter()  # tokens/s counts training steps only
-                if stop.signal:
-                    if step not in manager.all_steps():  # the signal came after this step's save check
-                        save(step)
+                if stopping:
                     stopped_by, status = stop.signal, f"stopped by {stop.signal} at step {step} (saved)"
                     log(status)
                     break
@@ -259,17 +281,22 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, iterator, valid_bat
             best.wait_until_finished()
             manager.close()
             best.close()
-            metrics_file.close()
-            writer.close()
+            for f in (metrics_file, writer):
+                if f is not None:  # process 0's
+                    f.close()
             if bar is not None:
                 bar.close()
     summary = {"status": status, "step": step, **({"signal": stopped_by} if stopped_by else {}),
                **({"rollbacks": rollbacks} if rollbacks else {}), **last}
     if status == "done" and cfg.sample_tokens:
         rng, key = jax.random.split(rng)
-        prompt = tokenizer.encode(cfg.sample_prompt)[None]
-        new = generate(model, prompt, cfg.sample_tokens, key, temperature=0.8, top_p=0.95)
-        summary["sample"] = cfg.sample_prompt + tokenizer.decode(new[0])
+        if jax.process_count() > 1:  # process 0 samples alone, from a copy of the weights on its host
+            graphdef, state = nnx.split(model)
+            model = nnx.merge(graphdef, hosts.host_copy(state))
+        if main:
+            prompt = tokenizer.encode(cfg.sample_prompt)[None]
+            new = generate(model, prompt, cfg.sample_tokens, key, temperature=0.8, top_p=0.95)
+            summary["sample"] = cfg.sample_prompt + tokenizer.decode(new[0])
     return summary
 
 

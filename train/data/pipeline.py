@@ -4,9 +4,10 @@ The stream is a split of a token store (`titans.train.data.store`: documents enc
 concatenated with an EOS after each; the boundaries stay marked, memory and attention run across
 them, spec section 4), or an in-memory array (`pack`). It is cut into windows of `seq_len + 1`
 tokens (inputs and shifted targets) at a stride of `seq_len`. grain shuffles the windows per epoch
-with the seed, shards them over processes (each reads only its own windows), batches and prefetches;
-the iterator's state (`get_state` / `set_state`) is saved with every checkpoint, so a resumed run
-sees exactly the batches the uninterrupted one would.
+with the seed, gives each process its rows of every global batch (each reads only its own windows),
+batches and prefetches. A batch is a function of the seed and its index, which every checkpoint
+saves, so a resumed run sees exactly the batches the uninterrupted one would, on any number of
+processes.
 
 A training batch is {"tokens": [batch, seq_len + 1] int32, "weights": [batch, seq_len] float32}: the
 loss weight of each predicted token (1, or `NeedleMix.answer_weight` on a needle task's answer).
@@ -15,6 +16,7 @@ loss weight of each predicted token (1, or `NeedleMix.answer_weight` on a needle
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import grain
 import numpy as np
@@ -85,23 +87,29 @@ def text_row(window: np.ndarray) -> dict[str, np.ndarray]:
     return {"tokens": window, "weights": np.ones(len(window) - 1, np.float32)}
 
 
-def train_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, shard_index: int = 0,
-                  shard_count: int = 1, prefetch: int = 4, mix: NeedleMix | None = None) -> grain.IterDataset:
-    """Endless batches of shuffled windows (reshuffled every epoch; {"tokens", "weights"}, see the
-    module docstring), this process's shard of them; `mix` mixes in the needle tasks."""
+def train_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, start: int = 0, process: int = 0,
+                  processes: int = 1, prefetch: int = 4, mix: NeedleMix | None = None) -> grain.IterDataset:
+    """Endless batches of shuffled windows ({"tokens", "weights"}, see the module docstring) from
+    batch `start` on: this process's rows of each global batch of `batch_size` rows.
+
+    Row r of global batch i is row i * batch_size + r of one sequence of windows (reshuffled every
+    epoch; `mix` mixes in the needle tasks); process p of P takes the rows [p * b, (p + 1) * b),
+    b = batch_size / P. So a batch is a function of (seed, i) whatever the number of processes, and a
+    run resumes from batch i on any number of them."""
     count = (len(tokens) - 1) // seq_len
-    order = grain.MapDataset.range(count).shuffle(seed=seed)[shard_index::shard_count]
-    if len(order) < batch_size:
-        raise ValueError(f"this shard has {len(order)} windows of {seq_len + 1} tokens, fewer than batch_size "
+    if count < batch_size:
+        raise ValueError(f"the stream has {count} windows of {seq_len + 1} tokens, fewer than batch_size "
                          f"{batch_size}: use more text or a smaller train.seq_len / train.batch_size")
-    ds = order.repeat(None).map(lambda i: tokens[i * seq_len : i * seq_len + seq_len + 1].astype(np.int32))
+    if batch_size % processes:
+        raise ValueError(f"batch_size {batch_size} does not split over {processes} processes")
+    rows = windows(tokens, seq_len).shuffle(seed=seed).repeat(None)
     if mix is not None:
-        row_seed = (seed, shard_index)
-        ds = ds.map_with_index(lambda index, window: mix.row(index, window, tokens, row_seed, batch_size))
+        rows = rows.map_with_index(lambda index, window: mix.row(index, window, tokens, (seed,), batch_size))
     else:
-        ds = ds.map(text_row)
-    ds = ds.batch(batch_size, drop_remainder=True)
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+        rows = rows.map(text_row)
+    local = batch_size // processes
+    mine = grain.MapDataset.range(sys.maxsize).map(lambda k: rows[k // local * batch_size + process * local + k % local])
+    return mine.batch(local)[start:].to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
 
 
 def eval_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int) -> list[np.ndarray]:

@@ -1,0 +1,105 @@
+"""One run on several processes (hosts): starting JAX's distributed runtime, which process writes the
+run's files, and stopping every process at the same step.
+
+Each process runs the same command (README, "Several hosts"); together they train one model on one
+global mesh, each feeding its slice of the global batch (`titans.train.mesh.global_batch`). Process 0
+writes `run.json`, the metrics, TensorBoard and the progress bar; orbax writes checkpoints from every
+process (each its own shards; the run folder must be on a filesystem every process sees). A process
+that dies is noticed by the coordination service after `train.heartbeat_timeout` seconds without a
+heartbeat: the others then stop with "The following tasks are unhealthy (stopped sending
+heartbeats): <process ids>" (an abort, exit 134), and a restart of all resumes from the last
+complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from titans.train.config import TrainError
+
+ADDRESS, COUNT, INDEX = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+
+def initialize(requested: bool, heartbeat_timeout: int) -> None:
+    """Start JAX's distributed runtime when `JAX_COORDINATOR_ADDRESS` is set (with `JAX_NUM_PROCESSES`
+    and `JAX_PROCESS_ID`, which `jax.distributed.initialize` does not read itself), or when
+    `requested` (SLURM, TPU pod slices and Open MPI are detected by JAX). On CPU, cross-process
+    collectives go through gloo (`jax_cpu_collectives_implementation`, JAX's default)."""
+    address = os.environ.get(ADDRESS)
+    if not address and not requested:
+        return
+    where = {}
+    if address:
+        missing = [name for name in (COUNT, INDEX) if not os.environ.get(name)]
+        if missing:
+            raise TrainError(f"{ADDRESS} is set but {' and '.join(missing)} not: set {COUNT} (the number of "
+                             f"processes) and {INDEX} (0 on the first) on every process, or unset {ADDRESS}")
+        try:
+            count, index = int(os.environ[COUNT]), int(os.environ[INDEX])
+        except ValueError:
+            raise TrainError(f"{COUNT} and {INDEX} must be integers, got {os.environ[COUNT]!r} and "
+                             f"{os.environ[INDEX]!r}") from None
+        if not 0 <= index < count:
+            raise TrainError(f"{INDEX}={index} must lie in [0, {COUNT}={count})")
+        where = dict(coordinator_address=address, num_processes=count, process_id=index)
+    jax.distributed.initialize(**where, heartbeat_timeout_seconds=heartbeat_timeout)
+
+
+def is_main() -> bool:
+    """Whether this process writes the run's own files (process 0)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier `name` (a no-op on one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def host_copy(tree):
+    """A pytree of (global) arrays -> numpy arrays whole on every process (a collective on several)."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(np.asarray, tree)
+
+
+class Stop:
+    """SIGTERM / SIGINT: save at a step boundary and return, every process at the same step.
+
+    One process: the handler sets a flag. Several: JAX's preemption service (started by
+    `jax.distributed.initialize`) catches SIGTERM to any process and `reached(step)` turns true on
+    every process at the same step; SIGINT (Ctrl-C in one terminal) is passed on as a SIGTERM to
+    this process, since the service listens to SIGTERM only.
+    """
+
+    def __init__(self):
+        self.signal = None
+        self._shared = jax.process_count() > 1
+        self._old = {}
+
+    def __enter__(self):
+        # The preemption service's own SIGTERM handler must stay in place on several processes.
+        for sig in (signal.SIGINT,) if self._shared else (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        if self._shared:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step`; on several processes every one must ask at every step."""
+        if self._shared and multihost_utils.reached_preemption_sync_point(step):
+            self.signal = self.signal or "SIGTERM"
+            return True
+        return not self._shared and self.signal is not None
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
