@@ -1,8 +1,9 @@
-"""Lower a function for an NVIDIA GPU on a machine without one (jax.export, platforms=["cuda"]).
+"""Lower a function for an NVIDIA GPU or a TPU on a machine without one (jax.export, platforms=
+["cuda"] or ["tpu"]).
 
 Nothing runs: this proves that every Pallas kernel in the function lowers through Triton (power-
-of-two tiles, supported primitives), which interpret mode on CPU does not. PTX compilation
-happens in XLA on a GPU and is not covered (../shared/notes/stack.md, s10).
+of-two tiles, supported primitives) or Mosaic, which interpret mode on CPU does not. PTX (or TPU
+binary) compilation happens in XLA on the device and is not covered (../shared/notes/stack.md, s10).
 """
 
 from __future__ import annotations
@@ -32,3 +33,12 @@ def lower_for_cuda(fn, *args) -> str:
 
 def triton_calls(text: str) -> int:
     return text.count(_GPU_CALLS[0])
+
+
+def lower_for_tpu(fn, *args) -> str:
+    """The StableHLO text of `jit(fn)(*args)` exported for TPU."""
+    return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
+
+
+def mosaic_calls(text: str) -> int:
+    return text.count("tpu_custom_call")

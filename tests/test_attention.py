@@ -1,7 +1,7 @@
 """Sliding-window attention, every impl (the dense reference, blockwise XLA, the Pallas flash kernel
-in interpret mode) against a plain masked softmax (numpy, float64, a full T x T mask), with
-persistent slots, a streaming cache and negative positions; gradients of blockwise and pallas
-against the reference; RoPE's precision at 2M tokens; the blockwise pass never builds a T x T array."""
+and the TPU (splash) kernel in interpret mode) against a plain masked softmax (numpy, float64, a
+full T x T mask), with persistent slots, a streaming cache and negative positions; gradients of
+blockwise, pallas and mosaic against the reference; RoPE's precision at 2M tokens; the blockwise pass never builds a T x T array."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from titans.kernels.attention import sliding_window_attention
 from titans.kernels.attention.blockwise import sliding_window_attention_blockwise
 from titans.attention import apply_rope, rope_angles
 
-IMPLS = ("reference", "blockwise", "pallas")
+IMPLS = ("reference", "blockwise", "pallas", "mosaic")
 
 
 def softmax_reference(q, k, v, q_pos, k_pos, window, persistent):
@@ -83,7 +83,7 @@ def test_with_cache_matches_masked_softmax(length, block, start, impl):
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=0)
 
 
-@pytest.mark.parametrize("impl", ["blockwise", "pallas"])
+@pytest.mark.parametrize("impl", ["blockwise", "pallas", "mosaic"])
 @pytest.mark.parametrize("prefix, start", [(0, 0), (6, 3), (6, 40)])
 def test_gradients_match_reference(impl, prefix, start):
     """Gradients of q, k (cache included), v and both slot arrays, against autodiff of the dense reference."""

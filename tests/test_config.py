@@ -94,7 +94,7 @@ def test_old_flat_memory_keys_load_from_saved_runs_and_are_renamed_elsewhere():
     (dict(d_model=250, attn_heads=4), "not a multiple of model.attn_heads"),
     (dict(ffn_dim=0), "model.ffn_dim must be >= 1"),
     (dict(n_persistent=-1), "model.n_persistent must be >= 0"),
-    (dict(attn_impl="cudnn"), "model.attn_impl must be one of reference, blockwise, pallas, auto"),
+    (dict(attn_impl="cudnn"), "model.attn_impl must be one of reference, blockwise, pallas, mosaic, auto"),
 ])
 def test_bad_model_config_fails_with_one_line(overrides, match):
     with pytest.raises(ConfigError, match=match) as err:

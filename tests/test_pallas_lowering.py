@@ -15,7 +15,7 @@ from titans.kernels.attention.pallas import sliding_window_attention_pallas
 from titans.kernels.memory import MemoryState, memory_scan
 from titans.kernels.memory.common import layer_shapes
 from titans.kernels.memory.pallas import memory_scan_pallas
-from tests.lowering import lower_for_cuda, triton_calls
+from tests.lowering import lower_for_cuda, lower_for_tpu, mosaic_calls, triton_calls
 
 F32 = jnp.float32
 
@@ -104,3 +104,24 @@ def test_sliding_window_attention_lowers_for_cuda(heads, dim, prefix, block, len
     assert triton_calls(lower_for_cuda(attention, q, k, k, slots, slots, start)) == 1
     grad = jax.grad(lambda *a: jnp.sum(attention(*a).astype(F32) ** 2), argnums=tuple(range(5)))
     assert triton_calls(lower_for_cuda(grad, q, k, k, slots, slots, start)) == 3
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, F32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("prefix, aligned", [(0, False), (511, True)])
+def test_sliding_window_attention_lowers_for_tpu(prefix, aligned, dtype):
+    """The TPU kernel (JAX's splash attention) at the 170m shapes (16 heads of 48, window 2048 and
+    16 slots), fresh or after a full cache, with MAC's aligned stream: the forward is one Mosaic
+    kernel, the gradient the forward, dq and dk/dv kernels."""
+    length, heads, dim = 700, 16, 48  # 700 queries: padded to the 128-row tiles
+    q = jax.ShapeDtypeStruct((2, length, heads, dim), dtype)
+    k = jax.ShapeDtypeStruct((2, prefix + length, heads, dim), dtype)
+    slots = jax.ShapeDtypeStruct((16, heads, dim), F32)
+    start = jax.ShapeDtypeStruct((), jnp.int32)
+
+    def attention(q, k, v, k_p, v_p, start):
+        return sliding_window_attention(q, k, v, window=2048, start=start, persistent=(k_p, v_p),
+                                        aligned_kv=(k, v) if aligned else None, impl="mosaic", interpret=False)
+
+    assert mosaic_calls(lower_for_tpu(attention, q, k, k, slots, slots, start)) == 1
+    grad = jax.grad(lambda *a: jnp.sum(attention(*a).astype(F32) ** 2), argnums=tuple(range(5)))
+    assert mosaic_calls(lower_for_tpu(grad, q, k, k, slots, slots, start)) == 3

@@ -115,7 +115,7 @@ class ModelConfig:
     `attn_head_dim=None` is d_model / attn_heads. `dtype` is the compute dtype (bfloat16 on
     accelerators); parameters and the memory state stay in `param_dtype` (float32).
     `attn_block` is the query (and key) tile of the attention and `attn_impl` its implementation
-    (`titans.kernels.attention.sliding_window_attention`: auto, blockwise, pallas, reference), for
+    (`titans.kernels.attention.sliding_window_attention`: auto, blockwise, pallas, mosaic, reference), for
     every variant's attention, MAC's included; both are speed knobs only.
     """
 

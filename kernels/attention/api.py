@@ -9,21 +9,29 @@ import jax
 import jax.numpy as jnp
 
 from titans.kernels.attention.blockwise import sliding_window_attention_blockwise
+from titans.kernels.attention.mosaic import sliding_window_attention_mosaic
 from titans.kernels.attention.pallas import sliding_window_attention_pallas, supported
 from titans.kernels.attention.reference import sliding_window_attention_reference
 from titans.kernels.sharding import over_batch
 
-Impl = Literal["reference", "blockwise", "pallas", "auto"]
-IMPLS = ("reference", "blockwise", "pallas", "auto")
+Impl = Literal["reference", "blockwise", "pallas", "mosaic", "auto"]
+IMPLS = ("reference", "blockwise", "pallas", "mosaic", "auto")
+MOSAIC_BLOCK = 128  # splash's query and key tiles: TPU's 128 lanes
 
 
 def _resolve(impl: str, interpret: bool | None, head_dim: int, length: int, block: int) -> tuple[str, bool]:
-    """(impl, interpret). `auto` -> the Pallas kernel on GPU for shapes it compiles and pieces longer
-    than one block (a decode step or short piece is one dense XLA block already), else `blockwise`."""
-    interpret = jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+    """(impl, interpret). `pallas` is the Mosaic kernel on TPU. `auto` -> the Pallas kernel on GPU
+    (for shapes it compiles) or TPU, for pieces longer than one block (a decode step or short piece
+    is one dense XLA block already), else `blockwise`."""
+    backend = jax.default_backend()
+    interpret = backend == "cpu" if interpret is None else bool(interpret)
+    if impl == "pallas" and backend == "tpu":
+        impl = "mosaic"
     why_not = supported(head_dim, block)
     if impl == "auto":
-        return ("pallas" if jax.default_backend() == "gpu" and why_not is None and length > block else "blockwise"), False
+        if backend == "tpu" and length > MOSAIC_BLOCK:
+            return "mosaic", False
+        return ("pallas" if backend == "gpu" and why_not is None and length > block else "blockwise"), False
     if impl == "pallas" and not interpret and why_not is not None:
         raise ValueError(f"sliding_window_attention(impl='pallas') cannot compile this shape: {why_not}; "
                          "use impl='blockwise' or 'auto'")
@@ -45,10 +53,11 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window
     streams under the same mask, and one softmax runs over both streams and the slots (MAC's segments
     attend so to the memory's retrievals beside the tokens). Returns `[batch, P, heads, dim]`.
 
-    impl: "blockwise" (XLA, O(T * (window + block))), "pallas" (flash kernel, Triton on GPU;
-    interpret mode on CPU), "reference" (dense T x (S + T) mask, the oracle) or "auto" (pallas on
-    GPU where `pallas.supported` and P > block, else blockwise). block: the query (and, in
-    pallas, key) tile.
+    impl: "blockwise" (XLA, O(T * (window + block))), "pallas" (flash kernel, Triton on GPU, the
+    Mosaic kernel on TPU; interpret mode on CPU), "mosaic" (JAX's splash attention, Mosaic on TPU;
+    interpret mode elsewhere; its tiles are 128 whatever `block`), "reference" (dense T x (S + T)
+    mask, the oracle) or "auto" (pallas on GPU where `pallas.supported` and P > block, mosaic on TPU
+    where P > 128, else blockwise). block: the query (and, in pallas, key) tile.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -61,8 +70,9 @@ def sliding_window_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window
     if aligned_kv is not None and any(x.shape != k.shape for x in aligned_kv):
         raise ValueError(f"aligned_kv must be shaped like k, v {k.shape}, got {[x.shape for x in aligned_kv]}")
     impl, interpret = _resolve(impl, interpret, q.shape[-1], q.shape[1], block)
-    if impl == "pallas":
-        fn = functools.partial(sliding_window_attention_pallas, window=window, block=block, interpret=interpret)
+    kernels = {"pallas": (sliding_window_attention_pallas, block), "mosaic": (sliding_window_attention_mosaic, MOSAIC_BLOCK)}
+    if impl in kernels:
+        fn = functools.partial(kernels[impl][0], window=window, block=kernels[impl][1], interpret=interpret)
         kernel = lambda q, k, v, start, persistent, aligned_kv: fn(q, k, v, start=start, persistent=persistent,
                                                                    aligned_kv=aligned_kv)
         return over_batch(kernel, (q, k, v, jnp.asarray(start, jnp.int32), persistent, aligned_kv),
