@@ -130,7 +130,7 @@ def train(run: RunConfig, out: Path, *, steps: int | None = None, log: Callable[
     mesh = make_mesh(cfg.fsdp)
     log(f"{jax.process_count()} process(es) x {local} {jax.devices()[0].platform} device(s), mesh "
         f"{dict(mesh.shape)}: batch {cfg.batch_size} = {cfg.batch_size // devices // cfg.grad_accum} rows per device x "
-        f"{devices} devices" + (f" x {cfg.grad_accum} accumulated micro-batches" if cfg.grad_accum > 1 else ""))
+        f"{devices} device(s)" + (f" x {cfg.grad_accum} accumulated micro-batches" if cfg.grad_accum > 1 else ""))
     init = run_dir.initial_weights(run, log) if cfg.init_from else None
     with run_dir.claim(out, run, tokenizer):
         return _train(run, out, steps, tokenizer, batches, valid_batches, mesh, init, log, progress)
