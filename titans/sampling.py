@@ -136,14 +136,14 @@ class Carry(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4), donate_argnums=(3,))
-def _prefill(graphdef, params, tokens, state, plan):
+def _prefill_piece(graphdef, params, tokens, state, plan):
     """One prefill piece: tokens `[batch, n]` -> (logits of the last token `[batch, vocab]`, state)."""
     logits, state = nnx.merge(graphdef, params).run(tokens, state, plan, last_only=True)
     return logits[:, 0], state
 
 
 @functools.partial(jax.jit, static_argnames=("static",))
-def _first(logits, key, values, stop, *, static) -> tuple[jax.Array, jax.Array]:
+def first_token(logits, key, values, stop, *, static) -> tuple[jax.Array, jax.Array]:
     """The first new token of every row `[batch]` and whether it ended the row, from the prompts'
     last logits `[batch, vocab]`."""
     token = sample_token(logits, step_key(key, 0), values, static)
@@ -156,7 +156,7 @@ def _ended(token, done):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "block", "static", "plan"), donate_argnums=(2,))
-def _decode(graphdef, params, carry: Carry, key, values, stop, n, *, block: int, static, plan):
+def decode_loop(graphdef, params, carry: Carry, key, values, stop, n, *, block: int, static, plan):
     """Up to `n <= block` more tokens per row (fewer once every row has ended).
 
     Returns the new carry, the tokens `[batch, block]` (ENDED after a row's end, garbage past the
@@ -206,7 +206,7 @@ def _join_rows(rows: list, logits: list, order: jax.Array):
     return jax.tree.map(join, *rows), join(*logits)
 
 
-def _prefill_rows(graphdef, params, model, prompts: list[np.ndarray], piece: int):
+def prefill(graphdef, params, model, prompts: list[np.ndarray], piece: int):
     """Feed every prompt; returns (`row_states` in prompt order, each prompt's last logits `[batch, vocab]`).
 
     Rows share positions until the shortest prompt ends: a stage per distinct length, each a batch
@@ -218,7 +218,7 @@ def _prefill_rows(graphdef, params, model, prompts: list[np.ndarray], piece: int
     for end in np.unique(lengths):
         tokens = np.stack([prompts[r][pos:end] for r in active])
         for begin, size in prefill_pieces(pos, int(end), piece):
-            last, state = _prefill(graphdef, params, tokens[:, begin - pos : begin - pos + size], state,
+            last, state = _prefill_piece(graphdef, params, tokens[:, begin - pos : begin - pos + size], state,
                                    model.plan(begin, size))
         ending = lengths[active] == end
         rows, logits, state = _split_rows(state, last, np.flatnonzero(ending), np.flatnonzero(~ending))
@@ -309,8 +309,8 @@ def generate(model, prompts, max_new_tokens: int = 64, key: jax.Array | int | No
 def _sample(model, ids, max_new_tokens, key, sampler, stop, piece, on_tokens, stream_every):
     """(new tokens `[batch, <= max_new_tokens]`, new tokens per row `[batch]`)."""
     graphdef, params = nnx.split(model)
-    rows, logits = _prefill_rows(graphdef, params, model, ids, piece)
-    token, done = _first(logits, key, sampler.values, stop, static=sampler.static)
+    rows, logits = prefill(graphdef, params, model, ids, piece)
+    token, done = first_token(logits, key, sampler.values, stop, static=sampler.static)
     carry = Carry(rows, token, np.int32(1), done, np.ones(len(ids), np.int32))
     blocks = [np.asarray(token)[:, None]]
     if on_tokens is not None:
@@ -322,8 +322,8 @@ def _sample(model, ids, max_new_tokens, key, sampler, stop, piece, on_tokens, st
     plan = model.plan(0, 1)
     while left > 0 and not bool(np.all(np.asarray(carry.done))):
         n = min(per_call, left)
-        carry, out, count = _decode(graphdef, params, carry, key, sampler.values, stop, np.int32(n),
-                                    block=bucket(per_call), static=sampler.static, plan=plan)
+        carry, out, count = decode_loop(graphdef, params, carry, key, sampler.values, stop, np.int32(n),
+                                         block=bucket(per_call), static=sampler.static, plan=plan)
         block = np.asarray(out)[:, : int(count)]
         blocks.append(block)
         if on_tokens is not None and block.shape[1]:
