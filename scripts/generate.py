@@ -15,40 +15,42 @@ def main(argv=None) -> str:
     cli.add_model_args(p)
     p.add_argument("--prompt", default="The ")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=0.95, help="1: off")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream-every", type=int, default=8, help="tokens per streamed block")
     args = p.parse_args(argv)
+
+    from titans.sampling import Sampler, generate
+
+    # Checked before the model loads: a typo costs no loading time.
+    Sampler(args.temperature, args.top_k, args.top_p)
     if not args.prompt:
         raise ValueError("--prompt must not be empty: the model continues a text")
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
-        raise ValueError(f"--temperature must be >= 0 (0: greedy), --top-p in (0, 1] and --max-new-tokens >= 1, got "
-                         f"{args.temperature}, {args.top_p}, {args.max_new_tokens}")
-
-    import jax
-
-    from titans.sampling import generate
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
 
     model, tokenizer, _ = cli.load_model(args, log=lambda s: print(s, file=sys.stderr))
-    prompt = tokenizer.encode(args.prompt)
     print(args.prompt, end="", flush=True)
     pending = []
 
-    def show(ids):  # bytes of a multi-byte character arrive one token at a time
-        pending.append(int(ids[0]))
+    def show(block):  # [1, k]; a multi-byte character's bytes can straddle two blocks
+        pending.extend(int(i) for i in block[0] if i != tokenizer.eos and i >= 0)
         text = tokenizer.decode(pending)
-        if "\ufffd" not in text or len(pending) >= 4:
+        if "\ufffd" not in text or len(pending) >= 8:
             print(text, end="", flush=True)
             pending.clear()
 
     t0 = time.perf_counter()
-    new = generate(model, prompt[None], args.max_new_tokens, jax.random.key(args.seed),
-                   temperature=args.temperature, top_p=args.top_p, on_token=show)
+    new = generate(model, tokenizer.encode(args.prompt), args.max_new_tokens, args.seed,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_tokens=[tokenizer.eos],
+                   on_tokens=show, stream_every=args.stream_every)
     seconds = time.perf_counter() - t0
     print(tokenizer.decode(pending))
-    print(f"[{new.shape[1]} new tokens in {seconds:.1f} s: {new.shape[1] / seconds:.1f} tokens/s, prompt prefill included]",
-          file=sys.stderr)
-    return args.prompt + tokenizer.decode(new[0])
+    print(f"[{len(new)} new tokens in {seconds:.1f} s: {len(new) / seconds:.1f} tokens/s, prompt prefill and "
+          "compilation included]", file=sys.stderr)
+    return args.prompt + tokenizer.decode(new)
 
 
 if __name__ == "__main__":

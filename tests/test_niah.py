@@ -1,6 +1,6 @@
 """Needle-in-a-haystack: prompts have the exact length with the needle at its depth; scoring follows
-passkey / RULER; the runner streams whole prompts in pieces (a model that reads the needle back scores
-100%, one that misses a piece scores 0); training rows of the retrieval recipe; script errors."""
+passkey / RULER; the runner hands whole prompts to generation (a reader that finds the needle scores
+100%, one that misses the first piece scores 0); training rows of the retrieval recipe; script errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -80,40 +79,31 @@ def test_parse_and_format_lengths():
         niah_eval.parse_length("2G")
 
 
-class ReaderModel:
-    """Reads the whole stream and, after the question, answers with the needle's value it saw (or,
-    with `skip` set, misses the first prefill piece). Checks that the runner streams every token once."""
+def reader(skip: bool = False):
+    """A stand-in for `titans.generate` that reads each whole prompt and answers with the needle's
+    value it saw (or, with `skip`, misses the first prefill piece), then the stop token."""
 
-    def __init__(self, skip: bool = False):
-        self.skip = skip
+    def generate(model, prompts, max_new_tokens, *, prefill_piece, stop_tokens):
+        assert max_new_tokens > 0 and list(stop_tokens) == list(TOK.encode("\n"))
+        out = []
+        for ids in np.asarray(prompts):
+            seen = TOK.decode(ids[prefill_piece:] if skip else ids)
+            value = re.search(r"(?:is: |The pass key is )([0-9a-f-]+)\.", seen.partition("\nWhat is")[0])
+            out.append(TOK.encode(f" {value.group(1) if value else '?'}\n")[:max_new_tokens])
+        return out
 
-    def init_state(self, batch: int):
-        return [[] for _ in range(batch)]
-
-    def extend(self, tokens, state):
-        tokens = np.asarray(tokens)
-        logits = np.full((tokens.shape[0], tokens.shape[1], 260), -1.0, np.float32)
-        for row, ids in enumerate(tokens):
-            if self.skip and not state[row]:
-                state[row].append(None)  # the first piece is lost
-            else:
-                state[row].extend(int(i) for i in ids)
-            seen = TOK.decode([i for i in state[row] if i is not None])
-            marker = "? The pass key is" if "pass key" in seen else "provided text is"
-            prompt, _, answered = seen.partition(marker)
-            value = re.search(r"(?:is: |The pass key is )([0-9a-f-]+)\.", prompt)
-            answer = f" {value.group(1) if value else '?'}\n"
-            logits[row, -1, TOK.encode(answer[min(len(answered), len(answer) - 1)])[0]] = 1.0
-        return jnp.asarray(logits), state
+    return generate
 
 
-def test_runner_streams_whole_prompts_and_scores():
+def test_runner_feeds_whole_prompts_and_scores(monkeypatch):
     grid = niah_eval.Grid(tuple(needles.TASKS), (1500, 2048), (0.0, 0.5, 1.0), samples=2, seed=3)
-    results = list(niah_eval.run(ReaderModel(), TOK, grid, haystack=HAYSTACK, batch=4, piece=512))
+    monkeypatch.setattr(niah_eval, "generate", reader())
+    results = list(niah_eval.run(None, TOK, grid, haystack=HAYSTACK, batch=4, piece=512))
     assert len(results) == 4 * 2 * 3 * 2
     assert all(r["correct"] for r in results), [r for r in results if not r["correct"]][:2]
     assert len({r["expected"] for r in results}) == len(results)
-    missed = list(niah_eval.run(ReaderModel(skip=True), TOK, grid, haystack=HAYSTACK, batch=3, piece=512))
+    monkeypatch.setattr(niah_eval, "generate", reader(skip=True))
+    missed = list(niah_eval.run(None, TOK, grid, haystack=HAYSTACK, batch=3, piece=512))
     depth0 = [r for r in missed if r["depth"] == 0.0]
     assert depth0 and not any(r["correct"] for r in depth0)  # the needle was in the lost piece
     table = niah_eval.accuracy_table(results)

@@ -7,6 +7,7 @@ from titans.configfile import ConfigError, preset_names, read_preset
 from titans.loading import load
 from titans.memory_layer import Telemetry, record
 from titans.model import ModelState, TitansLM, count_params
+from titans.sampling import generate
 
 __all__ = ["ConfigError", "MemoryConfig", "ModelConfig", "ModelState", "Telemetry", "TitansLM", "count_params",
-           "load", "load_preset", "preset_names", "read_preset", "record"]
+           "generate", "load", "load_preset", "preset_names", "read_preset", "record"]

@@ -3,7 +3,9 @@
 The query at absolute position `p` sees the keys at `p - window + 1 .. p` (itself included) and
 all `N_p` persistent key/value slots of its layer (learned, no RoPE), computed by
 `kernels.attention.sliding_window_attention` (blockwise XLA, or the Pallas flash kernel on GPU).
-Streaming carries the last `w - 1` keys/values (`AttentionCache`), a fixed size.
+Streaming carries the last `w` keys/values (`AttentionCache`), a fixed size, in a ring: a one-token
+step (decode) writes its slot in place and attends to the ring (`kernels.attention.decode_attention`);
+a longer piece unrolls the ring, oldest first, for the sequence kernel.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from titans.kernels.attention import sliding_window_attention
+from titans.kernels.attention import decode_attention, sliding_window_attention
 from titans.layers import dense
 from titans.sharding import sharded_init
 
@@ -25,10 +27,45 @@ _ROPE_SPLIT = 4096
 
 
 class AttentionCache(NamedTuple):
-    """Post-RoPE keys and values of the last `window - 1` tokens, oldest first, `[batch, window-1, heads, dim]`."""
+    """Post-RoPE keys and values of the last `S` tokens, `[batch, heads, S, dim]`, in a ring: the token
+    at absolute position p sits in slot `p % S`.
+
+    A decode step writes its token's slot first and then attends to the whole ring: the write is a
+    `dynamic_update_slice` that XLA does in place on the loop-carried buffer (were the old ring read
+    after it, XLA would copy the ring every step to keep it; hence `S` is the full window, not the
+    `window - 1` keys before a query). Heads come first so that the step's batched products read the
+    ring as stored (no per-step transpose).
+    """
 
     k: jax.Array
     v: jax.Array
+
+
+def ring_positions(position, size: int) -> jax.Array:
+    """The absolute position each slot of a ring of `size` holds once the token at `position` is
+    written (int32 `[size]`): the latest p <= position with p % size == slot; negative if never written."""
+    return position - jnp.mod(position - jnp.arange(size, dtype=jnp.int32), size)
+
+
+def unroll(cache: AttentionCache, position) -> tuple[jax.Array, jax.Array]:
+    """The ring before the token at `position` as keys, values `[batch, S, heads, dim]`, oldest first
+    (positions `position - S .. position - 1`), the layout of `sliding_window_attention`."""
+    shift = -jnp.mod(position, cache.k.shape[2])
+    return tuple(jnp.roll(x, shift, axis=2).transpose(0, 2, 1, 3) for x in cache)
+
+
+def roll_up(k: jax.Array, v: jax.Array, position) -> AttentionCache:
+    """keys, values `[batch, S, heads, dim]` of positions `position - S .. position - 1` (oldest first)
+    -> the ring (`unroll`'s inverse)."""
+    shift = jnp.mod(position, k.shape[1])
+    return AttentionCache(*(jnp.roll(x.transpose(0, 2, 1, 3), shift, axis=2) for x in (k, v)))
+
+
+def write_slot(cache: AttentionCache, k: jax.Array, v: jax.Array, position) -> AttentionCache:
+    """The ring with the key, value `[batch, heads, dim]` of the token at `position` written in its slot."""
+    slot = jnp.mod(position, cache.k.shape[2])
+    return AttentionCache(*(jax.lax.dynamic_update_slice_in_dim(c, u[:, :, None].astype(c.dtype), slot, axis=2)
+                            for c, u in zip(cache, (k, v))))
 
 
 def rope_angles(positions: jax.Array, dim: int, base: float) -> tuple[jax.Array, jax.Array]:
@@ -78,7 +115,7 @@ class SlidingWindowAttention(nnx.Module):
 
     def init_state(self, batch_size: int) -> AttentionCache:
         cfg = self.cfg
-        zeros = jnp.zeros((batch_size, cfg.window - 1, cfg.attn_heads, cfg.attn_dim), cfg.jnp_dtype)
+        zeros = jnp.zeros((batch_size, cfg.attn_heads, cfg.window, cfg.attn_dim), cfg.jnp_dtype)
         return AttentionCache(zeros, zeros)
 
     def heads(self, x: jax.Array, cache: AttentionCache | None, start) -> tuple[jax.Array, AttentionCache]:
@@ -93,16 +130,22 @@ class SlidingWindowAttention(nnx.Module):
         q = apply_rope(split(self.q_proj(x)), cos, sin)
         k = apply_rope(split(self.k_proj(x)), cos, sin)
         v = split(self.v_proj(x))
+        persistent = (self.persistent_k[...], self.persistent_v[...])
         fresh = cache is None
         if fresh:
             cache = self.init_state(batch)
-        full_k, full_v = jnp.concatenate([cache.k, k], axis=1), jnp.concatenate([cache.v, v], axis=1)
+        if length == 1 and not fresh:  # decode: write this token's slot, then attend to the ring
+            cache = write_slot(cache, k[:, 0], v[:, 0], start)
+            seen = ring_positions(start, cfg.window) >= 0
+            out = decode_attention(q[:, 0], [tuple(cache)], seen, persistent)
+            return out.reshape(batch, length, cfg.attn_width), cache
+        # The ring holds the `window` tokens before x; the query at `start` sees the last window - 1.
+        past_k, past_v = (u[:, 1:] for u in unroll(cache, start))
+        full_k, full_v = jnp.concatenate([past_k, k], axis=1), jnp.concatenate([past_v, v], axis=1)
         keys, values = (k, v) if fresh else (full_k, full_v)
-        out = sliding_window_attention(q, keys, values, window=cfg.window, start=start,
-                                       persistent=(self.persistent_k[...], self.persistent_v[...]),
+        out = sliding_window_attention(q, keys, values, window=cfg.window, start=start, persistent=persistent,
                                        block=cfg.attn_block, impl=cfg.attn_impl)
-        keep = full_k.shape[1] - (cfg.window - 1)
-        new_cache = AttentionCache(full_k[:, keep:], full_v[:, keep:])
+        new_cache = roll_up(full_k[:, -cfg.window :], full_v[:, -cfg.window :], start + length)
         return out.reshape(batch, length, cfg.attn_width), new_cache
 
     def __call__(self, x: jax.Array, cache: AttentionCache | None, start) -> tuple[jax.Array, AttentionCache]:

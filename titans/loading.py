@@ -95,15 +95,19 @@ def restore_trained(run_dir: str | Path, which: str = "latest",
 def load(path: str | Path, which: str = "latest",
          log: Callable[[str], None] | None = None) -> tuple[TitansLM, Tokenizer]:
     """(model, tokenizer) from a run folder (its `which` checkpoint: `latest` or `best`) or an
-    exported folder (`which` does not apply)."""
+    exported folder (`which` does not apply). The model carries the tokenizer too (`model.tokenizer`),
+    so `model.generate("text")` needs nothing else."""
     path = Path(path).expanduser()
     if (path / CONFIG).is_file() and not (path / RUN_FILE).is_file():
-        return TitansLM.from_pretrained(path), saved_tokenizer(path, read_export_config(path)["tokenizer"])
-    if not (path / RUN_FILE).is_file():
+        model, tokenizer = TitansLM.from_pretrained(path), saved_tokenizer(path, read_export_config(path)["tokenizer"])
+    elif not (path / RUN_FILE).is_file():
         raise FileNotFoundError(f"{path} is neither a run folder ({RUN_FILE}) nor an exported model ({CONFIG}): pass "
                                 "the --out of scripts/train.py or of scripts/export.py")
-    model, run = restore_trained(path, which, log)
-    return model, run_tokenizer(path, run)
+    else:
+        model, run = restore_trained(path, which, log)
+        tokenizer = run_tokenizer(path, run)
+    model.tokenizer = tokenizer
+    return model, tokenizer
 
 
 def run_tokenizer(run_dir: Path, run: dict) -> Tokenizer:

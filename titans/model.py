@@ -3,6 +3,7 @@
     logits = model(tokens)                         # parallel forward, [batch, seq] -> [batch, seq, vocab]
     state = model.init_state(batch)                # fixed-size streaming state
     logits, state = model.extend(tokens, state)    # any piece length >= 1; equals the parallel pass
+    text = model.generate("It is a truth", 100)    # titans.generate: compiled sampling (titans.sampling)
 
 `run(tokens, state, plan)` is the pure form of both (usable under `jax.jit` / `nnx.jit`); `extend`
 is its eager convenience, compiled once per piece shape and MAC segment plan.
@@ -108,10 +109,12 @@ class TitansLM(nnx.Module):
         return segment_plan(int(start), length, self.config.segment_len)
 
     def run(self, tokens: jax.Array, state: ModelState | None = None,
-            plan: tuple[int, ...] | None = None) -> tuple[jax.Array, ModelState]:
+            plan: tuple[int, ...] | None = None, last_only: bool = False) -> tuple[jax.Array, ModelState]:
         """tokens `[batch, seq]` int -> (logits `[batch, seq, vocab]` float32, state after them).
 
         `state=None` is a sequence start without a carried attention window (the training pass).
+        `last_only`: logits of the last token only, `[batch, 1, vocab]` (a prefill needs no more,
+        and the head over a whole piece costs `seq * d_model * vocab`, a quarter of a 32K-vocab model).
         """
         cfg = self.config
         if tokens.ndim != 2 or tokens.shape[1] < 1:
@@ -125,7 +128,7 @@ class TitansLM(nnx.Module):
         for block, layer_state in zip(self.blocks, layer_states):
             x, layer_state = block(x, layer_state, start, plan)
             new_states.append(layer_state)
-        x = self.final_norm(x)
+        x = self.final_norm(x[:, -1:] if last_only else x)
         logits = self.embed.attend(x) if self.head is None else self.head(x)
         position = jnp.asarray(start, jnp.int32) + tokens.shape[1]
         return logits.astype(jnp.float32), ModelState(position, tuple(new_states))
@@ -133,6 +136,12 @@ class TitansLM(nnx.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """The parallel forward pass from a sequence start: tokens `[batch, seq]` -> logits `[batch, seq, vocab]`."""
         return self.run(tokens)[0]
+
+    def generate(self, prompts, max_new_tokens: int = 64, key=None, **options):
+        """`titans.generate(self, prompts, ...)`: text or token ids in, the continuation out."""
+        from titans.sampling import generate
+
+        return generate(self, prompts, max_new_tokens, key, **options)
 
     def extend(self, tokens, state: ModelState) -> tuple[jax.Array, ModelState]:
         """Consume `tokens [batch, n]` (n >= 1) after `state`; returns their logits and the new state.

@@ -1,5 +1,7 @@
-"""Causal sliding-window attention with persistent slots: `sliding_window_attention`."""
+"""Causal sliding-window attention with persistent slots: `sliding_window_attention` (sequences),
+`decode_attention` (one query per row against ring-buffer caches)."""
 
 from titans.kernels.attention.api import IMPLS, sliding_window_attention
+from titans.kernels.attention.decode import decode_attention
 
-__all__ = ["IMPLS", "sliding_window_attention"]
+__all__ = ["IMPLS", "decode_attention", "sliding_window_attention"]

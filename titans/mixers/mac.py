@@ -21,8 +21,9 @@ sequence start) and `h` as the second key/value stream aligned with `x` (`aligne
 over the slots, `h_j` and `x_j`, through the `attn_impl` switch like every other variant.
 
 Streaming state (`MACState`): the memory layer's state, `M_{s-1}`, the retrieval conv tail and the
-post-RoPE keys/values of the last `C - 1` tokens, `x` and `h` (`[batch, C - 1, heads, dim]`, oldest
-first; those of an earlier segment are masked). A call processes `plan`, its length split at
+post-RoPE keys/values of the last `C` tokens, `x` and `h` (rings `[batch, heads, C, dim]`,
+`titans.attention.AttentionCache`; those of an earlier segment are masked). A one-token piece
+(decode) writes its slot of each ring and attends to the rings. A call processes `plan`, its length split at
 segment boundaries (`segment_plan`); pieces that are whole segments run as one `lax.scan`, so the
 training pass compiles one segment step.
 """
@@ -37,8 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from titans.attention import AttentionCache, apply_rope, persistent_slots, rope_angles
-from titans.kernels.attention import sliding_window_attention
+from titans.attention import (AttentionCache, apply_rope, persistent_slots, ring_positions, roll_up, rope_angles,
+                              unroll, write_slot)
+from titans.kernels.attention import decode_attention, sliding_window_attention
 from titans.kernels.memory import memory_apply
 from titans.conv import ConvProjection
 from titans.layers import RMSNorm, dense, l2_normalize
@@ -59,7 +61,7 @@ class MACState(NamedTuple):
     memory: MemoryLayerState  # the running memory (weights, momentum, anchor, offset) and its conv tails
     segment_weights: tuple[jax.Array, ...]  # M_{s-1}, each [batch, mem_heads, in, out]
     retrieval_tail: jax.Array  # [batch, conv_kernel - 1, mem_heads * mem_dim]
-    tokens: AttentionCache  # x keys/values of the last C - 1 tokens, [batch, C - 1, heads, dim]
+    tokens: AttentionCache  # x keys/values of the last C tokens, a ring [batch, heads, C, dim]
     retrievals: AttentionCache  # h keys/values of the same tokens
 
 
@@ -84,7 +86,7 @@ class MAC(nnx.Module):
     def init_state(self, batch_size: int) -> MACState:
         cfg = self.cfg
         memory = self.memory.init_state(batch_size)
-        zeros = jnp.zeros((batch_size, cfg.segment_len - 1, cfg.attn_heads, cfg.attn_dim), cfg.jnp_dtype)
+        zeros = jnp.zeros((batch_size, cfg.attn_heads, cfg.segment_len, cfg.attn_dim), cfg.jnp_dtype)
         cache = AttentionCache(zeros, zeros)
         return MACState(memory, memory.memory.weights, self.retrieval.zero_tail(batch_size), cache, cache)
 
@@ -118,16 +120,22 @@ class MAC(nnx.Module):
         q = rope(self.q_proj(x))
         own = {"tokens": (rope(self.kx_proj(x)), split(self.vx_proj(x))),
                "retrievals": (rope(self.kh_proj(h)), split(self.vh_proj(h)))}
-        full = {name: AttentionCache(*(jnp.concatenate([c, u.astype(c.dtype)], axis=1)
-                                      for c, u in zip(getattr(state, name), own[name])))
-                for name in own}
-        # Positions from the segment start: the cached keys of an earlier segment fall before 0.
-        keys = own if aligned else full
-        y = sliding_window_attention(q, *keys["tokens"], window=seg, start=start % seg,
-                                     persistent=(self.persistent_k[...], self.persistent_v[...]),
-                                     aligned_kv=keys["retrievals"], block=cfg.attn_block, impl=cfg.attn_impl)
+        persistent = (self.persistent_k[...], self.persistent_v[...])
+        if n == 1 and not aligned:  # decode: write this token's slot of each ring, then attend to the rings
+            caches = {name: write_slot(getattr(state, name), *(u[:, 0] for u in own[name]), start) for name in own}
+            seen = ring_positions(start, seg) >= start - start % seg  # this segment's tokens only
+            y = decode_attention(q[:, 0], [tuple(caches["tokens"]), tuple(caches["retrievals"])], seen, persistent)
+        else:
+            # The rings hold the C tokens before x; the query at `start` sees at most the last C - 1.
+            full = {name: tuple(jnp.concatenate([c[:, 1:], u.astype(c.dtype)], axis=1)
+                                for c, u in zip(unroll(getattr(state, name), start), own[name]))
+                    for name in own}
+            # Positions from the segment start: the cached keys of an earlier segment fall before 0.
+            keys = own if aligned else full
+            y = sliding_window_attention(q, *keys["tokens"], window=seg, start=start % seg, persistent=persistent,
+                                         aligned_kv=keys["retrievals"], block=cfg.attn_block, impl=cfg.attn_impl)
+            caches = {name: roll_up(*(u[:, -seg:] for u in full[name]), start + n) for name in full}
         y = y.reshape(batch, n, cfg.attn_width)
-        caches = {name: AttentionCache(*(u[:, n:] for u in full[name])) for name in full}
 
         m, memory, records = self.memory.scan_unrecorded(y, state.memory)
         ends_segment = (start % seg) + n == seg

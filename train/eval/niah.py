@@ -1,7 +1,8 @@
 """Run a needle-in-a-haystack grid on a model: tasks x lengths x depths x samples.
 
-Each prompt is streamed through `model.extend` in pieces (state and memory stay constant at any
-length), then the answer is decoded greedily. Rows of the same task and length run as one batch.
+Each batch of prompts goes through `titans.generate`: streamed in pieces (state and memory stay
+constant at any length), then the answer decoded greedily in one compiled loop that stops at the
+end of the answer's line. Rows of the same task and length run as one batch.
 `evaluate` runs a whole grid and writes its results folder (scripts/niah.py).
 """
 
@@ -17,7 +18,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterator
 
-import jax
 import numpy as np
 
 from titans.model import count_params
@@ -73,11 +73,13 @@ def run(model, tokenizer, grid: Grid, *, haystack: np.ndarray | None, batch: int
     for task, length in grid.cells():
         rows = grid.rows(task, length)
         max_new = needles.MAX_NEW_TOKENS[needles.TASKS[task].value]
+        newline = tokenizer.encode("\n")
+        stop = newline if len(newline) == 1 else []  # the answer is its first line
         for i in range(0, len(rows), batch):
             samples = [needles.make_sample(task, length, d, s, tokenizer, haystack) for d, s in rows[i : i + batch]]
             t0 = time.perf_counter()
-            new = generate(model, np.stack([s.tokens for s in samples]), max_new, jax.random.key(0),
-                           temperature=0.0, prefill_piece=piece)
+            new = generate(model, np.stack([s.tokens for s in samples]), max_new, prefill_piece=piece,
+                           stop_tokens=stop)
             seconds = (time.perf_counter() - t0) / len(samples)
             if on_tokens is not None:
                 on_tokens(length * len(samples))
