@@ -33,10 +33,12 @@ def main(argv=None) -> dict:
     hosts.initialize(args.distributed, run.train.heartbeat_timeout)
     out = Path(args.out or f"runs/{Path(str(args.config)).stem}-{run.model.variant}")
     summary = train(run, out, steps=args.steps, progress=not args.no_progress)
-    line = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items() if k != "sample")
-    print(f"{out}: {line}")
-    if "sample" in summary:
-        print(f"sample:\n{summary['sample']}")
+    if hosts.is_main():  # one report for the run, not one per process
+        line = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
+                         if k != "sample")
+        print(f"{out}: {line}")
+        if "sample" in summary:
+            print(f"sample:\n{summary['sample']}")
     return summary
 
 

@@ -55,10 +55,28 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
+BARRIER_TIMEOUT_MS = 60 * 60 * 1000  # a first compile of a large model can take many minutes
+
+
 def barrier(name: str) -> None:
-    """Wait until every process reaches the barrier `name` (a no-op on one process)."""
+    """Wait until every process reaches the barrier `name` (a no-op on one process). It goes through
+    the coordination service, not through a collective on the devices (see `compile_together`)."""
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+        from jax._src import distributed  # the runtime's client: JAX has no public barrier off the devices
+
+        distributed.global_state.client.wait_at_barrier(name, BARRIER_TIMEOUT_MS)
+
+
+def compile_together(name: str, jitted, *args, **kwargs) -> None:
+    """Several processes: compile `jitted` (a `jax.jit` / `nnx.jit` function) for these arguments
+    (arrays or `jax.ShapeDtypeStruct`s), then wait for every process to have compiled it; the call
+    that follows reuses the compiled program. Needed because XLA:CPU's collectives (gloo) give the
+    processes of a program 30 s to meet at its first collective, while JAX's persistent compilation
+    cache serves process 0 alone (it writes from process 0 only, and on CPU the other processes'
+    programs have other keys): the others may compile for longer than that."""
+    if jax.process_count() > 1:
+        jitted.lower(*args, **kwargs).compile()
+        barrier(name)
 
 
 def host_copy(tree):

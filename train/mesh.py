@@ -34,10 +34,14 @@ def shard(node: nnx.Module | nnx.Optimizer, mesh: jax.sharding.Mesh) -> None:
     nnx.update(node, jax.device_put(state, logical_shardings(state, mesh, SHARDING_RULES)))
 
 
+def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    """The batch axis split over every device."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+
+
 def global_batch(local, mesh: jax.sharding.Mesh):
     """This process's rows (a pytree of arrays) -> arrays whose batch axis is split over every device."""
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    return jax.tree.map(lambda rows: jax.make_array_from_process_local_data(sharding, rows), local)
+    return jax.tree.map(lambda rows: jax.make_array_from_process_local_data(batch_sharding(mesh), rows), local)
 
 
 def initial_memories(model: TitansLM, batch_size: int, mesh: jax.sharding.Mesh) -> tuple[MemoryLayerState, ...]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -27,8 +28,8 @@ from titans.sampling import generate
 from titans.train import hosts, run_dir
 from titans.train.config import RunConfig, TrainError
 from titans.train.data import bpe, needles, pipeline, store
-from titans.train.mesh import global_batch, initial_memories, make_mesh, shard
-from titans.train.steps import MemoryCarry, evaluate, make_optimizer, train_step
+from titans.train.mesh import batch_sharding, global_batch, initial_memories, make_mesh, shard
+from titans.train.steps import MemoryCarry, eval_step, evaluate, make_optimizer, train_step
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -198,9 +199,17 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, batches, valid_batc
 
     status, stopped_by, last, tokens_per_step = "done", None, {}, cfg.batch_size * cfg.seq_len
     # This process's rows of a global training batch and of an evaluation batch.
+    eval_size = cfg.batch_size // cfg.grad_accum
     rows, eval_rows = (np.arange(n).reshape(jax.process_count(), -1)[jax.process_index()]
-                       for n in (cfg.batch_size, cfg.batch_size // cfg.grad_accum))
+                       for n in (cfg.batch_size, eval_size))
     memories, keep_rng, first = fresh_memories(), np.random.default_rng([cfg.seed, start]), start
+    with jax.set_mesh(mesh):  # several processes: compile the steps everywhere before the first runs
+        rows_of = lambda n, dtype, *shape: jax.ShapeDtypeStruct((n, *shape), dtype, sharding=batch_sharding(mesh))
+        batch = {"tokens": rows_of(cfg.batch_size, jnp.int32, cfg.seq_len + 1),
+                 "weights": rows_of(cfg.batch_size, jnp.float32, cfg.seq_len)}
+        carry = None if memories is None else MemoryCarry(memories, rows_of(cfg.batch_size, jnp.bool_))
+        hosts.compile_together("train_step", train_step, model, optimizer, batch, 0.0, carry, accum=cfg.grad_accum)
+        hosts.compile_together("eval_step", eval_step, model, rows_of(eval_size, jnp.int32, cfg.seq_len + 1))
     watch, rollbacks = _LossWatch(cfg.loss_spike), 0
     t_log, logged, step = time.perf_counter(), start, start
     with hosts.Stop() as stop:
