@@ -18,6 +18,9 @@ from titans.train.bench.common import max_rel_err
 ARGS = ("q", "k", "v", "theta", "eta", "alpha")
 # The fast paths held to the oracle; "pallas" runs its kernels in interpret mode on CPU.
 FAST_IMPLS = ("chunked", "pallas")
+# The TPU kernel in Pallas' TPU interpreter (slow: every kernel op is a host callback), on a few
+# cases of each kind below; `test_pallas_lowering.py` lowers it for TPU.
+MOSAIC = "mosaic"
 
 # Comparisons between impls run in float64, where they agree to ~1e-13: any wrong coefficient,
 # index or dropped term shows up many orders above X64_TOL. The float32 path (the one models run)
@@ -112,7 +115,7 @@ def test_fast_impls_match_reference_values(index):
         else:
             y_ref, s_ref = run("reference", state, body, **kw)
         assert y_ref.dtype == jnp.float64
-        for impl in FAST_IMPLS:
+        for impl in FAST_IMPLS + ((MOSAIC,) if index % 7 == 0 else ()):
             if state is None:
                 y, s = run_fresh(impl, body, **kw)
                 y_traced, s_traced = run(impl, state_of(body), body, **kw)
@@ -134,14 +137,16 @@ def test_fast_impls_match_reference_values(index):
 
 GRAD_CASES = [
     dict(depth=1, chunk=4, seq=9, residual_norm=False, per_layer=False, mask=True, rbw=False, activation="gelu", start=0),
-    dict(depth=2, chunk=4, seq=10, residual_norm=True, per_layer=True, mask=False, rbw=True, activation="silu", start=3),
+    dict(depth=2, chunk=4, seq=10, residual_norm=True, per_layer=True, mask=False, rbw=True, activation="silu", start=3,
+         mosaic=True),
     dict(depth=2, chunk=3, seq=7, residual_norm=False, per_layer=False, mask=True, rbw=False, activation="gelu", start=5),
     dict(depth=3, chunk=5, seq=5, residual_norm=True, per_layer=False, mask=True, rbw=True, activation="gelu", start=0),
     dict(depth=4, chunk=2, seq=7, residual_norm=False, per_layer=True, mask=False, rbw=False, activation="silu", start=1),
     # a single token mid-chunk, a call shorter than one chunk, and 5 chunks (a remat tail group)
     dict(depth=2, chunk=4, seq=1, residual_norm=True, per_layer=False, mask=False, rbw=True, activation="gelu", start=2),
     dict(depth=2, chunk=4, seq=3, residual_norm=False, per_layer=True, mask=True, rbw=False, activation="silu", start=0),
-    dict(depth=2, chunk=3, seq=14, residual_norm=True, per_layer=False, mask=True, rbw=False, activation="gelu", start=0),
+    dict(depth=2, chunk=3, seq=14, residual_norm=True, per_layer=False, mask=True, rbw=False, activation="gelu", start=0,
+         mosaic=True),
 ]
 
 
@@ -170,12 +175,13 @@ def _check_gradients(case):
     body = {n: (x[:, case["start"]:] if (n in ARGS or n == "mask") and x is not None else x) for n, x in inputs.items()}
     state = prefix_state(inputs, case["start"], **kw) if case["start"] else state_of(body)
     primals = (state.weights, state.momentum, state.anchor, *(jnp.asarray(body[n]) for n in ARGS))
+    impls = FAST_IMPLS + ((MOSAIC,) if case.get("mosaic") else ())
     grads = {}
-    for which in ("reference", *FAST_IMPLS):
+    for which in ("reference", *impls):
         loss = functools.partial(_scalar_loss, which, body, int(state.offset), kw)
         grads[which] = jax.jit(jax.grad(loss, argnums=tuple(range(len(primals)))))(*primals)
     names = ("weights", "momentum", "anchor") + ARGS
-    for impl in FAST_IMPLS:
+    for impl in impls:
         for name, g_ref, g in zip(names, grads["reference"], grads[impl]):
             assert_trees_close(g, g_ref, X64_TOL, f"{impl} d/d{name}")
             assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g))
@@ -209,19 +215,20 @@ def _check_hand_loop(depth, activation, residual_norm, chunk, offset, rbw):
         assert_trees_close((s.weights, s.momentum, s.anchor), (tuple(w_hand), tuple(s_hand), tuple(a_hand)), X64_TOL, impl)
 
 
-@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS, MOSAIC])
 def test_split_anywhere_equals_one_call(impl):
-    """Spec invariant 4: two calls with the carried state == one call, wherever the split falls."""
+    """Spec invariant 4: two calls with the carried state == one call, wherever the split falls
+    (the TPU kernel, slow in its interpreter: one split, inside a chunk)."""
     with jax.enable_x64(True):
-        _check_split(impl)
+        _check_split(impl, (5,) if impl == MOSAIC else (3, 4, 5, 13))
 
 
-def _check_split(impl):
+def _check_split(impl, splits):
     b = 4
     inputs = random_inputs(8, seq=14, depth=2, with_mask=True, dtype=np.float64)
     kw = dict(chunk_size=b, residual_norm=True)
     y_all, s_all = run(impl, state_of(inputs), inputs, **kw)
-    for split in (3, 4, 5, 13):  # inside the first chunk, on a boundary, just after, last token
+    for split in splits:  # inside the first chunk, on a boundary, just after, last token
         head = {n: (x[:, :split] if (n in ARGS or n == "mask") else x) for n, x in inputs.items()}
         tail = {n: (x[:, split:] if (n in ARGS or n == "mask") else x) for n, x in inputs.items()}
         y1, s1 = run(impl, state_of(head), head, **kw)
@@ -453,3 +460,31 @@ def test_bfloat16_matmuls_within_their_tolerance_and_alike_in_both_impls():
     }
     assert_trees_close(grads["chunked"], grads["reference"], 2e-2, "bf16 chunked gradients")
     assert_trees_close(grads["pallas"], grads["chunked"], 1e-5, "bf16 pallas vs bf16 chunked gradients")
+
+
+def test_mosaic_bfloat16_matmuls_and_float32_alike_chunked():
+    """The TPU kernel's two matmul precisions against chunked's: the same chunk math, so float32
+    round-off apart (values and gradients) at a shape whose tiles are not (8, 128) multiples
+    (chunk 4, head dim 16, hidden 32: Mosaic pads them), over 6 chunks (3 groups), ragged."""
+    inputs = random_inputs(13, seq=21, depth=2, heads=2, head_dim=16, hidden=32, with_mask=True)
+    state = state_of(inputs)
+    primals = (state.weights, state.momentum, state.anchor, *(jnp.asarray(inputs[n]) for n in ARGS))
+    for matmul_dtype in ("float32", "bfloat16"):
+        kw = dict(chunk_size=4, residual_norm=False, matmul_dtype=matmul_dtype)
+        got = {impl: run(impl, state, inputs, **kw) for impl in ("chunked", MOSAIC)}
+        assert_trees_close(got[MOSAIC], got["chunked"], 1e-5, f"{matmul_dtype} mosaic vs chunked")
+    grads = {
+        impl: jax.jit(jax.grad(functools.partial(_scalar_loss, impl, inputs, 0, kw), argnums=tuple(range(9))))(*primals)
+        for impl in ("chunked", MOSAIC)
+    }
+    assert_trees_close(grads[MOSAIC], grads["chunked"], 1e-5, "bf16 mosaic vs bf16 chunked gradients")
+
+
+def test_pallas_and_auto_run_the_mosaic_kernel_on_tpu(monkeypatch):
+    from titans.kernels.memory import api
+
+    state = state_of(random_inputs(1, seq=5))
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    for impl in ("pallas", "auto", "mosaic"):
+        assert api._resolve(impl, None, 16, 8, state, jnp.float32) == "mosaic"
+    assert api._resolve("chunked", None, 16, 8, state, jnp.float32) == "chunked"

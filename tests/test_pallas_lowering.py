@@ -1,6 +1,6 @@
-"""The Pallas kernels (memory scan, sliding-window attention) lower for NVIDIA GPUs (Triton) at the
-paper's shapes, forward and backward, on a CPU-only machine; a shape Triton cannot tile fails here
-rather than on a GPU."""
+"""The Pallas kernels (memory scan, sliding-window attention) lower for NVIDIA GPUs (Triton) and
+TPUs (Mosaic) at the paper's shapes, forward and backward, on a CPU-only machine; a shape Triton
+cannot tile fails here rather than on a GPU."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ def _specs(batch, seq, heads, dim, hidden, depth, dtype=jnp.bfloat16):
     return weights, (x, x, x, jax.ShapeDtypeStruct((batch, seq, heads, depth), F32), gate, gate)
 
 
-def _forward(weights, *args, **kw):
-    return memory_scan(MemoryState.create(weights), *args, impl="pallas", interpret=False, **kw)
+def _forward(weights, *args, impl="pallas", **kw):
+    return memory_scan(MemoryState.create(weights), *args, impl=impl, interpret=False, **kw)
 
 
 def _loss(weights, *args, **kw):
@@ -125,3 +125,30 @@ def test_sliding_window_attention_lowers_for_tpu(prefix, aligned, dtype):
     assert mosaic_calls(lower_for_tpu(attention, q, k, k, slots, slots, start)) == 1
     grad = jax.grad(lambda *a: jnp.sum(attention(*a).astype(F32) ** 2), argnums=tuple(range(5)))
     assert mosaic_calls(lower_for_tpu(grad, q, k, k, slots, slots, start)) == 3
+
+
+# The memory at the 170m preset's shapes (12 heads of 64, expansion 4, depth 2, chunk 16, plain MLP
+# memory), bf16 and float32 tokens, float32 and bf16 matmuls; and the `small` preset's (4 heads of
+# 64, expansion 2); and a shape whose tiles are no (8, 128) multiples (chunk 12, 3 heads of 48).
+TPU_SHAPES = {
+    "170m-bf16": dict(heads=12, dim=64, expansion=4, chunk=16, dtype=jnp.bfloat16, matmul_dtype="bfloat16"),
+    "170m-f32": dict(heads=12, dim=64, expansion=4, chunk=16, dtype=F32, matmul_dtype="float32"),
+    "small": dict(heads=4, dim=64, expansion=2, chunk=16, dtype=F32, matmul_dtype="float32"),
+    "untiled": dict(heads=3, dim=48, expansion=2, chunk=12, dtype=F32, matmul_dtype="float32", residual_norm=True,
+                    read_before_write=True),
+}
+
+
+@pytest.mark.parametrize("name", list(TPU_SHAPES))
+def test_memory_scan_lowers_for_tpu_forward_and_backward(name):
+    """`impl="mosaic"` (what pallas/auto run on TPU) exported for TPU: the forward is one Mosaic
+    kernel; the gradient is the forward, the forward again saving the chunk-start states, and the
+    backward kernel. 3 chunks and 5 tokens: ragged, two groups."""
+    shape = TPU_SHAPES[name]
+    weights, args = _specs(2, 3 * shape["chunk"] + 5, shape["heads"], shape["dim"], shape["expansion"] * shape["dim"], 2,
+                           shape["dtype"])
+    kw = dict(chunk_size=shape["chunk"], activation="gelu", residual_norm=shape.get("residual_norm", False),
+              read_before_write=shape.get("read_before_write", False), matmul_dtype=shape["matmul_dtype"], impl="mosaic")
+    assert mosaic_calls(lower_for_tpu(functools.partial(_forward, **kw), weights, *args)) == 1
+    grad = jax.grad(functools.partial(_loss, **kw), argnums=tuple(range(7)))
+    assert mosaic_calls(lower_for_tpu(grad, weights, *args)) == 3

@@ -11,12 +11,13 @@ import numpy as np
 
 from titans.kernels.memory.chunked import memory_scan_chunked
 from titans.kernels.memory.common import ACTIVATIONS, MATMUL_DTYPES, MemoryState
+from titans.kernels.memory.mosaic import memory_scan_mosaic
 from titans.kernels.memory.pallas import memory_scan_pallas, supported
 from titans.kernels.memory.reference import memory_scan_reference
 from titans.kernels.sharding import over_batch
 
-Impl = Literal["reference", "chunked", "pallas", "auto"]
-IMPLS = ("reference", "chunked", "pallas", "auto")
+Impl = Literal["reference", "chunked", "pallas", "mosaic", "auto"]
+IMPLS = ("reference", "chunked", "pallas", "mosaic", "auto")
 MAX_DEPTH = 4
 
 
@@ -100,14 +101,17 @@ def _interpret(interpret: bool | None) -> bool:
 
 
 def _resolve(impl: str, interpret: bool | None, chunk_size: int, head_dim: int, state: MemoryState, dtype) -> str:
-    """`auto` -> the Pallas kernel on GPU for the shapes it compiles, else `chunked`; a shape
-    that an explicitly requested compiled Pallas kernel cannot run is one clear error."""
+    """`pallas` is the Mosaic kernel on TPU. `auto` -> the Mosaic kernel on TPU, the Triton one on
+    GPU for the shapes it compiles, else `chunked`; a shape that an explicitly requested compiled
+    Triton kernel cannot run is one clear error (the Mosaic kernel tiles every shape)."""
+    backend = jax.default_backend()
+    if impl in ("pallas", "auto") and backend == "tpu":
+        return "mosaic"
     weights = tuple(state.weights)
     hidden = weights[0].shape[-1] if len(weights) > 1 else head_dim
     why_not = supported(chunk_size, head_dim, hidden, dtype)
     if impl == "auto":
-        # TPU (Mosaic) lowering of the kernel is not verified yet, so TPUs run the chunk scan.
-        return "pallas" if jax.default_backend() == "gpu" and why_not is None else "chunked"
+        return "pallas" if backend == "gpu" and why_not is None else "chunked"
     if impl == "pallas" and not _interpret(interpret) and why_not is not None:
         raise ValueError(f"memory_scan(impl='pallas') cannot compile this shape: {why_not}; use impl='chunked' or 'auto'")
     return impl
@@ -138,11 +142,12 @@ def memory_scan(
     and the state after the last token; splitting a call anywhere with the carried state equals
     one call. See `../../../shared/spec/titans.md` sections 1-2 and this folder's README.
 
-    impl: "auto" (the Pallas kernel on GPU where `pallas.supported`, else "chunked"), "chunked",
-    "pallas" or "reference" (the token loop, the oracle). interpret: run Pallas in interpret mode;
-    None = only where nothing else can run it (CPU). matmul_dtype: "float32" (exact, the spec) or
-    "bfloat16" (the chunk form's matmul inputs in bf16, float32 accumulation and state; chunked and
-    pallas only).
+    impl: "auto" (the Mosaic kernel on TPU, the Triton one on GPU where `pallas.supported`, else
+    "chunked"), "chunked", "pallas" (Triton on GPU, Mosaic on TPU), "mosaic" (the TPU kernel;
+    interpret mode elsewhere) or "reference" (the token loop, the oracle). interpret: run Pallas in
+    interpret mode; None = only where nothing else can run it (CPU). matmul_dtype: "float32"
+    (exact, the spec) or "bfloat16" (the chunk form's matmul inputs in bf16, float32 accumulation
+    and state; every impl but the reference).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -170,15 +175,16 @@ def memory_scan(
         )
     impl = _resolve(impl, interpret, chunk_size, q.shape[-1], state, dtype)
     if impl == "reference" and matmul_dtype != "float32":
-        raise ValueError("impl='reference' is the exact float32 oracle; matmul_dtype='bfloat16' needs 'chunked' or 'pallas'")
+        raise ValueError("impl='reference' is the exact float32 oracle; matmul_dtype='bfloat16' needs 'chunked', 'pallas' or 'mosaic'")
 
     if theta.ndim == 3:
         theta = jnp.broadcast_to(theta[..., None], theta.shape + (depth,))
     if mask is None:
         mask = jnp.ones(q.shape[:2], jnp.bool_)
     cast = lambda x: x.astype(dtype)
-    if impl == "pallas":
-        fn = functools.partial(memory_scan_pallas, interpret=_interpret(interpret), matmul_dtype=matmul_dtype)
+    if impl in ("pallas", "mosaic"):
+        kernel = memory_scan_pallas if impl == "pallas" else memory_scan_mosaic
+        fn = functools.partial(kernel, interpret=_interpret(interpret), matmul_dtype=matmul_dtype)
     elif impl == "chunked":
         fn = functools.partial(memory_scan_chunked, matmul_dtype=matmul_dtype)
     else:
@@ -187,5 +193,5 @@ def memory_scan(
                            read_before_write=read_before_write)
     args = (state, *map(cast, (q, k, v, theta, eta, alpha)), mask)
     # Every argument leads with the batch axis (the state's offset is a scalar, replicated).
-    y, new_state = over_batch(fn, args, (True,) * len(args)) if impl == "pallas" else fn(*args)
+    y, new_state = over_batch(fn, args, (True,) * len(args)) if impl in ("pallas", "mosaic") else fn(*args)
     return y.astype(q.dtype), new_state

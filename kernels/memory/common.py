@@ -66,19 +66,19 @@ def layer_shapes(head_dim: int, hidden: int, depth: int) -> tuple[tuple[int, int
     return ((head_dim, hidden),) + ((hidden, hidden),) * (depth - 2) + ((hidden, head_dim),)
 
 
-def matmul(a: jax.Array, b: jax.Array, out=None) -> jax.Array:
+def matmul(a: jax.Array, b: jax.Array, out=None, precision=PRECISION) -> jax.Array:
     """`out`: the result dtype (float32 accumulation of bf16 inputs); default: the inputs'."""
-    return jnp.matmul(a, b, precision=PRECISION, preferred_element_type=out)
+    return jnp.matmul(a, b, precision=precision, preferred_element_type=out)
 
 
-def matmul_nt(a: jax.Array, b: jax.Array, out=None) -> jax.Array:
+def matmul_nt(a: jax.Array, b: jax.Array, out=None, precision=PRECISION) -> jax.Array:
     """a `[..., m, k]` times b `[..., n, k]` transposed -> `[..., m, n]`, as one dot_general."""
-    return jnp.einsum("...mk,...nk->...mn", a, b, precision=PRECISION, preferred_element_type=out)
+    return jnp.einsum("...mk,...nk->...mn", a, b, precision=precision, preferred_element_type=out)
 
 
-def matmul_tn(a: jax.Array, b: jax.Array, out=None) -> jax.Array:
+def matmul_tn(a: jax.Array, b: jax.Array, out=None, precision=PRECISION) -> jax.Array:
     """a `[..., k, m]` transposed times b `[..., k, n]` -> `[..., m, n]`."""
-    return jnp.einsum("...km,...kn->...mn", a, b, precision=PRECISION, preferred_element_type=out)
+    return jnp.einsum("...km,...kn->...mn", a, b, precision=precision, preferred_element_type=out)
 
 
 def row_sum(x: jax.Array) -> jax.Array:
@@ -122,8 +122,12 @@ def chunk_ops(kernel: bool, matmul_dtype: str = "float32") -> Ops:
     if matmul_dtype == "float32":
         return Ops(*rows, matmul, matmul_nt, matmul_tn)
 
-    def low(product):  # bf16 inputs, float32 (the state's dtype) accumulation and result
-        return lambda a, b: product(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), out=a.dtype)
+    # bf16 inputs, float32 (the state's dtype) accumulation and result. Default precision: the
+    # bf16 products are exact in float32 anyway, and Mosaic (TPU) rejects an fp32 contract
+    # precision on bf16 operands ("Bad lhs type").
+    def low(product):
+        return lambda a, b: product(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), out=a.dtype,
+                                    precision=jax.lax.Precision.DEFAULT)
 
     return Ops(*rows, low(matmul), low(matmul_nt), low(matmul_tn))
 
