@@ -12,19 +12,11 @@ import pytest
 
 from titans.kernels.attention import sliding_window_attention
 from titans.kernels.attention.pallas import sliding_window_attention_pallas
+from titans.kernels.lowering import lower_for_cuda, lower_for_tpu, memory_scan_specs, mosaic_calls, triton_calls
 from titans.kernels.memory import MemoryState, memory_scan
-from titans.kernels.memory.common import layer_shapes
 from titans.kernels.memory.pallas import memory_scan_pallas
-from tests.lowering import lower_for_cuda, lower_for_tpu, mosaic_calls, triton_calls
 
 F32 = jnp.float32
-
-
-def _specs(batch, seq, heads, dim, hidden, depth, dtype=jnp.bfloat16):
-    weights = tuple(jax.ShapeDtypeStruct((batch, heads, *shape), F32) for shape in layer_shapes(dim, hidden, depth))
-    x = jax.ShapeDtypeStruct((batch, seq, heads, dim), dtype)
-    gate = jax.ShapeDtypeStruct((batch, seq, heads), F32)
-    return weights, (x, x, x, jax.ShapeDtypeStruct((batch, seq, heads, depth), F32), gate, gate)
 
 
 def _forward(weights, *args, impl="pallas", **kw):
@@ -56,7 +48,8 @@ SHAPES = [
     "shape", SHAPES, ids=lambda s: f"{s['heads']}x{s['dim']}-b{s['chunk']}-L{s['depth']}-{s.get('matmul_dtype', 'float32')}"
 )
 def test_memory_scan_lowers_for_cuda_forward_and_backward(shape):
-    weights, args = _specs(2, 3 * shape["chunk"] + 5, shape["heads"], shape["dim"], 4 * shape["dim"], shape["depth"])
+    weights, args = memory_scan_specs(2, 3 * shape["chunk"] + 5, shape["heads"], shape["dim"], 4 * shape["dim"],
+                                      shape["depth"])
     kw = dict(
         chunk_size=shape["chunk"], activation=shape["activation"], residual_norm=shape["residual_norm"],
         read_before_write=shape["read_before_write"], matmul_dtype=shape.get("matmul_dtype", "float32"),
@@ -69,7 +62,7 @@ def test_memory_scan_lowers_for_cuda_forward_and_backward(shape):
 
 def test_lowering_check_catches_a_tile_triton_cannot_run():
     """The check is live: a chunk of 24 interprets fine on CPU but is not a power of two."""
-    weights, (q, k, v, theta, eta, alpha) = _specs(1, 48, 2, 64, 256, 2, F32)
+    weights, (q, k, v, theta, eta, alpha) = memory_scan_specs(1, 48, 2, 64, 256, 2, F32)
     mask = jax.ShapeDtypeStruct((1, 48), jnp.bool_)
 
     def forward(weights, *args):
@@ -145,8 +138,8 @@ def test_memory_scan_lowers_for_tpu_forward_and_backward(name):
     kernel; the gradient is the forward, the forward again saving the chunk-start states, and the
     backward kernel. 3 chunks and 5 tokens: ragged, two groups."""
     shape = TPU_SHAPES[name]
-    weights, args = _specs(2, 3 * shape["chunk"] + 5, shape["heads"], shape["dim"], shape["expansion"] * shape["dim"], 2,
-                           shape["dtype"])
+    weights, args = memory_scan_specs(2, 3 * shape["chunk"] + 5, shape["heads"], shape["dim"],
+                                      shape["expansion"] * shape["dim"], 2, shape["dtype"])
     kw = dict(chunk_size=shape["chunk"], activation="gelu", residual_norm=shape.get("residual_norm", False),
               read_before_write=shape.get("read_before_write", False), matmul_dtype=shape["matmul_dtype"], impl="mosaic")
     assert mosaic_calls(lower_for_tpu(functools.partial(_forward, **kw), weights, *args)) == 1

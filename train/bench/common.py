@@ -56,9 +56,9 @@ def max_rel_err(got, want) -> float:
 
 
 def check_lists(cfg, choices: dict[str, tuple[str, ...]]) -> None:
-    """One-line errors for a kernel benchmark's list options: every `heads` entry is <heads>x<head_dim>
-    and every entry of the fields in `choices` is one of its allowed values."""
-    for h in cfg.heads:
+    """One-line errors for a kernel benchmark's list options: every `heads` entry (where it has them)
+    is <heads>x<head_dim> and every entry of the fields in `choices` is one of its allowed values."""
+    for h in getattr(cfg, "heads", ()):
         n, _, d = h.partition("x")
         if not (n.isdigit() and d.isdigit()):
             raise ValueError(f"--heads entry {h!r} must be <heads>x<head_dim>, e.g. 16x64")
@@ -131,11 +131,15 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def run_in_child(module: str, case: dict, config: dict, env: dict | None = None) -> dict:
+def run_in_child(module: str, case: dict, config: dict, env: dict | None = None,
+                 timeout_s: float | None = None) -> dict:
     """Run `python -m module --child CASE --child-config CONFIG` and return the dict it prints after
-    `RESULT ` (the module's `child_main`)."""
+    `RESULT ` (the module's `child_main`); past `timeout_s` the child is killed and the status says so."""
     cmd = [sys.executable, "-m", module, "--child", json.dumps(case), "--child-config", json.dumps(config)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return dict(case, status=f"timeout (> {timeout_s:.0f} s)")
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -182,12 +186,13 @@ def write_section(text: str, section: str) -> None:
     os.replace(f.name, BENCHMARKS)
 
 
-def add_grid_args(parser, grid: dict[str, tuple[type, str]]) -> None:
+def add_grid_args(parser, grid: dict[str, tuple[type, str]], iters: bool = True) -> None:
     """A comma-list option per field of a benchmark's grid (`field: (item type, help)`; `seq_lens`
-    is `--seq-lens 1024,4096`), `--iters` and `--write`."""
+    is `--seq-lens 1024,4096`), `--iters` (for a timed benchmark) and `--write`."""
     for field, (_, text) in grid.items():
         parser.add_argument("--" + field.replace("_", "-"), help=text)
-    parser.add_argument("--iters", type=int, help="timed calls per case")
+    if iters:
+        parser.add_argument("--iters", type=int, help="timed calls per case")
     parser.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")
 
 
@@ -196,7 +201,8 @@ def grid_values(args, grid: dict[str, tuple[type, str]]) -> dict:
     (when given) and `write`: keyword arguments of the benchmark's config."""
     values = {field: tuple(cast(v) for v in getattr(args, field).split(","))
               for field, (cast, _) in grid.items() if getattr(args, field)}
-    return values | ({"iters": args.iters} if args.iters is not None else {}) | {"write": args.write}
+    iters = getattr(args, "iters", None)
+    return values | ({"iters": iters} if iters is not None else {}) | {"write": args.write}
 
 
 def child_main(argv: list[str], run_case: Callable[[dict, object], dict], config_cls) -> None:
