@@ -13,6 +13,7 @@ complete checkpoint.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 
@@ -58,13 +59,17 @@ def is_main() -> bool:
 BARRIER_TIMEOUT_MS = 60 * 60 * 1000  # a first compile of a large model can take many minutes
 
 
+_BARRIERS = itertools.count()  # every process passes the same barriers in the same order
+
+
 def barrier(name: str) -> None:
     """Wait until every process reaches the barrier `name` (a no-op on one process). It goes through
-    the coordination service, not through a collective on the devices (see `compile_together`)."""
+    the coordination service, not through a collective on the devices (see `compile_together`). A
+    sequence number makes each barrier's id unique: the service passes a finished id at once."""
     if jax.process_count() > 1:
         from jax._src import distributed  # the runtime's client: JAX has no public barrier off the devices
 
-        distributed.global_state.client.wait_at_barrier(name, BARRIER_TIMEOUT_MS)
+        distributed.global_state.client.wait_at_barrier(f"{name}-{next(_BARRIERS)}", BARRIER_TIMEOUT_MS)
 
 
 def compile_together(name: str, jitted, *args, **kwargs) -> None:

@@ -109,7 +109,12 @@ def train(run: RunConfig, out: Path, *, steps: int | None = None, log: Callable[
         raise TrainError(f"model.vocab_size={run.model.vocab_size} is smaller than the {tokenizer.name} tokenizer's "
                          f"{tokenizer.vocab_size}: raise model.vocab_size (or set it to auto)")
     mix = _needle_mix(run, tokenizer)
-    folder = store.prepared(run.data.corpus, tokenizer, text_field=run.data.text_field, log=log)
+    # Process 0 tokenizes the corpus first; the others then find its store (on a shared cache
+    # folder) or make their own, instead of all tokenizing at once on the same cores.
+    prepare = lambda: store.prepared(run.data.corpus, tokenizer, text_field=run.data.text_field, log=log)  # noqa: E731
+    folder = prepare() if hosts.is_main() else None
+    hosts.barrier("store")
+    folder = folder or prepare()
     train_tokens, valid_tokens, index = store.open_store(folder, tokenizer)
     if index["max_id"] >= run.model.vocab_size:
         raise TrainError(f"{folder} holds token id {index['max_id']}, beyond model.vocab_size={run.model.vocab_size}: "

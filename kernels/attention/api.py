@@ -24,9 +24,11 @@ def _resolve(impl: str, interpret: bool | None, head_dim: int, length: int, bloc
     (for shapes it compiles) or TPU, for pieces longer than one block (a decode step or short piece
     is one dense XLA block already), else `blockwise`."""
     backend = jax.default_backend()
-    interpret = backend == "cpu" if interpret is None else bool(interpret)
     if impl == "pallas" and backend == "tpu":
         impl = "mosaic"
+    if interpret is None:  # interpret exactly where the kernel cannot compile
+        interpret = backend != "tpu" if impl == "mosaic" else backend == "cpu"
+    interpret = bool(interpret)
     why_not = supported(head_dim, block)
     if impl == "auto":
         if backend == "tpu" and length > MOSAIC_BLOCK:

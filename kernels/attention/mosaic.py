@@ -12,8 +12,9 @@ returns its log-sum-exp only from a forward that has no gradient, which rules ou
 merge the Triton kernel uses (`pallas.py`). Its gradient is splash's own dq and dk/dv kernels.
 
 Lengths are padded to the block (`block`, 128 by default, a multiple of TPU's 128-lane tiles);
-padded keys are masked, padded queries see one key (so no row is empty) and are cut from the
-output. The mask is built in numpy at trace time, once per shape (`_kernel` is cached).
+padded keys are masked, padded queries see the first key and are cut from the output. The mask is
+built in numpy at trace time, once per shape (`_kernel` is cached): `[P, slots + streams x (S + P)]`
+booleans, so a call's piece should stay in the thousands of tokens (the model's prefill pieces do).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _kernel(queries: int, prefix: int, slots: int, streams: int, window: int, he
     mask[:, :slots] = True
     for s in range(streams):
         mask[:, slots + s * keys : slots + (s + 1) * keys] = band
-    mask[queries:, 0] = True  # padded queries: one key, so that no softmax row is empty
+    mask[queries:, 0] = True  # padded queries see a key (rows cut from the output; splash masks with a finite value)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     with jax.ensure_compile_time_eval():  # the mask's arrays are constants, not values of a trace being cached

@@ -95,9 +95,12 @@ def _check_ranges(theta, eta, alpha) -> None:
                 raise ValueError(f"{name} must lie in [{lo}, {hi}] and be finite, found {x[~ok].ravel()[0]}")
 
 
-def _interpret(interpret: bool | None) -> bool:
-    """Pallas interpret mode: as asked, else exactly where no compiled kernel can run (CPU)."""
-    return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+def _interpret(interpret: bool | None, impl: str) -> bool:
+    """Pallas interpret mode: as asked, else exactly where no compiled kernel can run (CPU; and for
+    the TPU kernel, anything but a TPU)."""
+    if interpret is not None:
+        return bool(interpret)
+    return jax.default_backend() != "tpu" if impl == "mosaic" else jax.default_backend() == "cpu"
 
 
 def _resolve(impl: str, interpret: bool | None, chunk_size: int, head_dim: int, state: MemoryState, dtype) -> str:
@@ -112,7 +115,7 @@ def _resolve(impl: str, interpret: bool | None, chunk_size: int, head_dim: int, 
     why_not = supported(chunk_size, head_dim, hidden, dtype)
     if impl == "auto":
         return "pallas" if backend == "gpu" and why_not is None else "chunked"
-    if impl == "pallas" and not _interpret(interpret) and why_not is not None:
+    if impl == "pallas" and not _interpret(interpret, impl) and why_not is not None:
         raise ValueError(f"memory_scan(impl='pallas') cannot compile this shape: {why_not}; use impl='chunked' or 'auto'")
     return impl
 
@@ -184,7 +187,7 @@ def memory_scan(
     cast = lambda x: x.astype(dtype)
     if impl in ("pallas", "mosaic"):
         kernel = memory_scan_pallas if impl == "pallas" else memory_scan_mosaic
-        fn = functools.partial(kernel, interpret=_interpret(interpret), matmul_dtype=matmul_dtype)
+        fn = functools.partial(kernel, interpret=_interpret(interpret, impl), matmul_dtype=matmul_dtype)
     elif impl == "chunked":
         fn = functools.partial(memory_scan_chunked, matmul_dtype=matmul_dtype)
     else:

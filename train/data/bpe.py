@@ -69,6 +69,9 @@ def resolve(spec: str, log: Callable[[str], None] = print, **specials) -> Tokeni
         try:
             train_bpe((text for _, text in corpus.iter_documents(root / "train")), vocab_size, stage)
             os.replace(stage, folder)
+        except OSError:  # another process (of a multi-host job) trained it meanwhile: a rename onto it
+            if not (folder / FILE).is_file():
+                raise
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     return load_tokenizer(folder, name=spec, **specials)
