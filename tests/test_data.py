@@ -64,6 +64,29 @@ def test_tokenizers_round_trip_and_count_bytes(folder):
         bpe.train_bpe(["x"], 300, folder / "bpe")
 
 
+def test_count_bytes_of_a_sentencepiece_style_tokenizer(folder):
+    """A Llama-style vocabulary ("▁" for spaces, `<0xXX>` byte fallback, a Metaspace decoder): bytes
+    are counted from what each token adds to the text, a fallback token as one byte, so bits per
+    byte stay right (within the one space Metaspace prepends to a text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    fallback = [f"<0x{b:02X}>" for b in range(256)]
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["</s>"])
+    tok.train_from_iterator([t for _, t in corpus.iter_documents(folder / "flat")], trainer=trainer)
+    spec = json.loads(tok.to_str())  # the fallback bytes join the model's vocabulary, as in Llama's
+    for token in fallback:
+        spec["model"]["vocab"].setdefault(token, len(spec["model"]["vocab"]))
+    (folder / "sp.json").write_text(json.dumps(spec))
+    sp = load_tokenizer(folder / "sp.json", eos="</s>")
+    for text in ("the memory writes what surprises it", "café über naïve ✓ — tabs\t", TEXT):
+        ids = sp.encode(text)
+        assert sp.decode(ids) == text
+        assert 0 <= sp.count_bytes(ids) - len(text.encode()) <= 1, (text, sp.count_bytes(ids))
+
+
 @pytest.mark.parametrize("tok_name", ["byte", "bpe"])
 def test_store_streams_equal_the_in_memory_packing(folder, tmp_path, tok_name):
     """Every split of a store, read by slices across shards of 100 tokens, is `pack` of the same

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -126,17 +127,23 @@ class HFTokenizer:
 
     @functools.cached_property
     def _token_bytes(self) -> np.ndarray:
-        """UTF-8 bytes of each id: exact for byte-level vocabularies, else from decoding it alone."""
-        alphabet = _byte_level_alphabet()
+        """UTF-8 bytes of each id. A byte-level vocabulary (GPT-2's, ours) writes every byte as one
+        character: exact. Otherwise (SentencePiece-style: "▁" for a space, `<0xXX>` byte fallback)
+        a token's bytes are what it adds to the text after a plain token (decoded alone, a leading
+        space would be dropped), and a byte-fallback token is one byte."""
         sizes = np.zeros(self.vocab_size, np.int64)
         specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
-        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
-            if token in specials:
-                continue
-            if all(c in alphabet for c in token):
-                sizes[i] = len(token)
-            else:
-                sizes[i] = len(self._tok.decode([i]).encode("utf-8"))
+        vocab = {token: i for token, i in self._tok.get_vocab(with_added_tokens=True).items() if token not in specials}
+        if "ByteLevel" in _types(json.loads(self.path.read_text()).get("decoder")):
+            alphabet = _byte_level_alphabet()
+            for token, i in vocab.items():
+                sizes[i] = len(token) if all(c in alphabet for c in token) else len(self._tok.decode([i]).encode())
+            return sizes
+        anchor = int(self.encode("a")[0])
+        base = len(self._tok.decode([anchor]).encode())
+        for token, i in vocab.items():
+            fallback = len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+            sizes[i] = 1 if fallback else len(self._tok.decode([anchor, i]).encode()) - base
         return sizes
 
     def count_bytes(self, ids) -> int:
@@ -153,6 +160,15 @@ class HFTokenizer:
 
 
 Tokenizer = ByteTokenizer | HFTokenizer
+
+
+def _types(node) -> set[str]:
+    """The `type` fields of a tokenizer.json component and of the components nested in it."""
+    if isinstance(node, dict):
+        return {node.get("type")} | set().union(*(_types(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_types(v) for v in node))
+    return set()
 
 
 def load_tokenizer(spec: str | Path, *, eos: str = "", bos: str = "", pad: str = "", name: str | None = None) -> Tokenizer:
