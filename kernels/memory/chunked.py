@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -316,6 +316,67 @@ def chunk_grid(offset, T: int, b: int, min_chunks: int = 1):
     in_call = (pos >= offset) & (pos < offset + T)
     completes = (jnp.arange(1, n + 1) * b) <= offset + T
     return n, place, in_call, completes, offset
+
+
+class KernelGrid(NamedTuple):
+    """A call laid out for the Pallas kernels (Triton and Mosaic): `n` chunks in `groups` groups of
+    `group` (~sqrt(n)) chunks, one kernel launch each; `place` and `offset` as in `chunk_grid`;
+    theta `[B, n*b, H, L]` zero where no write happens; `coef` `[B, H, n, ...]`."""
+
+    n: int
+    group: int
+    groups: int
+    place: Callable
+    completes: jax.Array
+    offset: object
+    theta: jax.Array
+    coef: Coefficients
+
+
+def kernel_grid(offset, theta, eta, alpha, mask, b: int, read_before_write: bool) -> KernelGrid:
+    """Lay a call (theta `[B, T, H, L]`, eta, alpha `[B, T, H]`, mask `[B, T]`) on whole groups of
+    chunks: the extra chunks past the call are padding that passes the state through."""
+    B, T, H, _ = theta.shape
+    count = chunk_count(offset, T, b)
+    group = max(1, math.isqrt(count))
+    groups = -(-count // group)
+    n, place, in_call, completes, offset = chunk_grid(offset, T, b, min_chunks=groups * group)
+    valid = place(mask, False) & in_call  # [B, N]
+    theta = jnp.where(valid[:, :, None, None], place(theta, 0.0), 0.0)
+    by_chunk = lambda x, fill: jnp.moveaxis(place(x, fill).reshape(B, n, b, H), 3, 1)  # [B, H, n, b]
+    coef = chunk_coefficients(by_chunk(eta, 1.0), by_chunk(alpha, 0.0), valid.reshape(B, 1, n, b), read_before_write)
+    return KernelGrid(n, group, groups, place, completes, offset, theta, coef)
+
+
+def kernel_result(y: jax.Array, carry, offset, T: int, b: int) -> tuple[jax.Array, MemoryState]:
+    """A kernel call's outputs `[B, n*b, H, D]` and final (weights, momentum, anchor) -> the call's
+    `y [B, T, H, D]` and state."""
+    y = jax.lax.dynamic_slice_in_dim(y, offset, T, axis=1)
+    weights, momentum, anchor = carry
+    return y, MemoryState(weights, momentum, anchor, jnp.asarray((offset + T) % b, jnp.int32))
+
+
+def kernel_groups(forward_call: Callable, backward_call: Callable) -> Callable:
+    """`group(carry, xs, static) -> (carry, y)`: a group of chunks in one kernel launch, as one
+    `jax.custom_vjp` op. `forward_call(carry, xs, static, save)` returns (y, carry, the chunk-start
+    states when `save`); the backward recomputes those (`save=True`) and runs
+    `backward_call(saved, xs, cotangents, static)`, carrying the state's cotangent."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+    def group(carry, xs, static):
+        y, carry, _ = forward_call(carry, xs, static, save=False)
+        return carry, y
+
+    def forward(carry, xs, static):
+        return group(carry, xs, static), (carry, xs)
+
+    def backward(static, residuals, cotangents):
+        carry, xs = residuals
+        _, _, saved = forward_call(carry, xs, static, save=True)
+        return backward_call(saved, xs, cotangents, static)
+
+    group.defvjp(forward, backward)
+    return group
 
 
 def memory_scan_chunked(

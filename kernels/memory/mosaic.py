@@ -30,14 +30,15 @@ state's cotangent in VMEM scratch.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from titans.kernels.memory.chunked import Coefficients, chunk_backward, chunk_coefficients, chunk_count, chunk_forward, chunk_grid
+from titans.kernels.memory.chunked import (
+    Coefficients, chunk_backward, chunk_forward, kernel_grid, kernel_groups, kernel_result,
+)
 from titans.kernels.memory.common import MemoryState, chunk_ops
 
 SEMANTICS = ("parallel", "parallel", "arbitrary")
@@ -223,24 +224,7 @@ def _backward_call(saved, xs, cotangents, static):
     return start_bar, (q_bar, k_bar, v_bar, rows_bar, gamma_bar, ends_bar)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _group(carry, xs, static):
-    """n chunks in one kernel launch: (carry, xs) -> (carry, y)."""
-    y, carry, _ = _forward_call(carry, xs, static, save=False)
-    return carry, y
-
-
-def _group_forward(carry, xs, static):
-    return _group(carry, xs, static), (carry, xs)
-
-
-def _group_backward(static, residuals, cotangents):
-    carry, xs = residuals
-    _, _, saved = _forward_call(carry, xs, static, save=True)
-    return _backward_call(saved, xs, cotangents, static)
-
-
-_group.defvjp(_group_forward, _group_backward)
+_group = kernel_groups(_forward_call, _backward_call)
 
 
 def memory_scan_mosaic(
@@ -263,16 +247,8 @@ def memory_scan_mosaic(
     B, T, H, D = q.shape
     b = chunk_size
     depth = theta.shape[-1]
-    n = chunk_count(state.offset, T, b)
-    group = max(1, math.isqrt(n))
-    groups = -(-n // group)
-    # Whole groups: the extra chunks past the call are padding that passes the state through.
-    n, place, in_call, completes, offset = chunk_grid(state.offset, T, b, min_chunks=groups * group)
-
-    valid = place(mask, False) & in_call  # [B, N]
-    theta = jnp.where(valid[:, :, None, None], place(theta, 0.0), 0.0)
-    by_chunk = lambda x, fill: jnp.moveaxis(place(x, fill).reshape(B, n, b, H), 3, 1)  # [B, H, n, b]
-    coef = chunk_coefficients(by_chunk(eta, 1.0), by_chunk(alpha, 0.0), valid.reshape(B, 1, n, b), read_before_write)
+    n, group, groups, place, completes, offset, theta, coef = kernel_grid(
+        state.offset, theta, eta, alpha, mask, b, read_before_write)
 
     # Head-major, chunk-major layouts [B, H, n, ...], then group-major for the scan over groups.
     tokens = lambda x: jnp.moveaxis(place(x, 0.0).reshape(B, n, b, H, D), 3, 1)  # [B, H, n, b, D]
@@ -287,6 +263,4 @@ def memory_scan_mosaic(
     carry = (state.weights, state.momentum, state.anchor)
     carry, ys = jax.lax.scan(lambda c, x: _group(c, x, static), carry, xs)  # ys [G, B, H, g, b, D]
     y = jnp.moveaxis(ys, 0, 2).reshape(B, H, n * b, D).transpose(0, 2, 1, 3)
-    y = jax.lax.dynamic_slice_in_dim(y, offset, T, axis=1)
-    weights, momentum, anchor = carry
-    return y, MemoryState(weights, momentum, anchor, jnp.asarray((offset + T) % b, jnp.int32))
+    return kernel_result(y, carry, offset, T, b)
