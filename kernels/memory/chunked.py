@@ -60,7 +60,7 @@ def _shift_rows(x: jax.Array, fill: float, axis: int) -> jax.Array:
     return jnp.moveaxis(x, -1, axis)
 
 
-def _derivative(fn):
+def derivative(fn):
     """Elementwise derivative of an elementwise function."""
     return lambda z: jax.jvp(fn, (z,), (jnp.ones_like(z),))[1]
 
@@ -104,9 +104,25 @@ def chunk_coefficients(eta, alpha, valid, read_before_write) -> Coefficients:
     return Coefficients(d0, c, gamma, *ends)
 
 
-def _key_error(out, k, v, residual_norm, ops):
+def key_error(out, k, v, residual_norm, ops):
     """d loss / d out for the memory's last pre-activation `out` [..., b, D] (the error delta^(L))."""
     return jax.grad(lambda o: associative_loss(memory_output(k, o, residual_norm, ops), v))(out)
+
+
+def readout(coef: Coefficients, uw, us, p_theta, delta, ops):
+    """A layer's readout pre-activation `zeta_t = Dc[t,t0] u_t W + c_t u_t S - sum_j G[t,j] theta_j
+    (u_t . a_j) delta_j`, from `uw = u W`, `us = u S` `[..., b, out]`, `p_theta[t, j] = (u_t . a_j)
+    theta_j` `[..., b, b]` and the errors `delta` `[..., b, out]`."""
+    return coef.d0[..., None] * uw + coef.c[..., None] * us - ops.matmul(p_theta * coef.gamma, delta)
+
+
+def end_state(coef: Coefficients, w, m, a, delta, th, ops):
+    """A layer's weights and momentum `[..., in, out]` at the chunk end from those at its start,
+    the layer inputs `a [..., b, in]`, errors `delta [..., b, out]` and step sizes `th [..., b]`."""
+    new_w = coef.d0_end[..., None, None] * w + coef.c_end[..., None, None] * m
+    new_w = new_w - ops.matmul_tn(a, (coef.gamma_end * th)[..., None] * delta)
+    new_m = coef.h0_end[..., None, None] * m - ops.matmul_tn(a, (coef.mom_end * th)[..., None] * delta)
+    return new_w, new_m
 
 
 def chunk_forward(carry, inputs, coef: Coefficients, completes, config):
@@ -118,7 +134,7 @@ def chunk_forward(carry, inputs, coef: Coefficients, completes, config):
     residual_norm, ops). Returns ((new carry), y `[..., b, D]`) and the residuals of `chunk_backward`.
     """
     activation, residual_norm, ops = config
-    act, act_grad = ACTIVATIONS[activation], _derivative(ACTIVATIONS[activation])
+    act, act_grad = ACTIVATIONS[activation], derivative(ACTIVATIONS[activation])
     weights, momentum, anchor = carry
     q, k, v, theta = inputs
     depth = len(weights)
@@ -128,7 +144,7 @@ def chunk_forward(carry, inputs, coef: Coefficients, completes, config):
     a, z = mlp_layers(anchor, k, activation, ops.matmul)
     delta = [None] * depth
     s = [None] * (depth - 1)  # delta^(l+1) W^(l+1)T, before the activation's derivative
-    delta[-1] = _key_error(z[-1], k, v, residual_norm, ops)
+    delta[-1] = key_error(z[-1], k, v, residual_norm, ops)
     for layer in reversed(range(depth - 1)):
         s[layer] = ops.matmul_nt(delta[layer + 1], anchor[layer + 1])
         delta[layer] = s[layer] * act_grad(z[layer])
@@ -142,16 +158,11 @@ def chunk_forward(carry, inputs, coef: Coefficients, completes, config):
         p.append(ops.matmul_nt(h, a[layer]))  # u_t . a_j, [..., b(t), b(j)]
         uw.append(ops.matmul(h, w))
         us.append(ops.matmul(h, m))
-        scores = p[-1] * coef.gamma * th[..., None, :]
-        zeta.append(coef.d0[..., None] * uw[-1] + coef.c[..., None] * us[-1] - ops.matmul(scores, delta[layer]))
+        zeta.append(readout(coef, uw[-1], us[-1], p[-1] * th[..., None, :], delta[layer], ops))
         h = act(zeta[-1]) if layer < depth - 1 else h
-        new_weights.append(
-            coef.d0_end[..., None, None] * w + coef.c_end[..., None, None] * m
-            - ops.matmul_tn(a[layer], (coef.gamma_end * th)[..., None] * delta[layer])
-        )
-        new_momentum.append(
-            coef.h0_end[..., None, None] * m - ops.matmul_tn(a[layer], (coef.mom_end * th)[..., None] * delta[layer])
-        )
+        w, m = end_state(coef, w, m, a[layer], delta[layer], th, ops)
+        new_weights.append(w)
+        new_momentum.append(m)
     y = memory_output(q, zeta[-1], residual_norm, ops)
 
     new_anchor = tuple(jnp.where(completes, w, an) for w, an in zip(new_weights, anchor))
@@ -167,7 +178,7 @@ def chunk_backward(config, residuals, cotangents):
     Returns the carry's cotangent, (q, k, v, theta-tuple) cotangents and the coefficients' one.
     """
     activation, residual_norm, ops = config
-    act_grad = _derivative(ACTIVATIONS[activation])
+    act_grad = derivative(ACTIVATIONS[activation])
     carry, inputs, coef, completes, a, z, s, delta, u, uw, us, p, zeta = residuals
     (new_weights_bar, new_momentum_bar, new_anchor_bar), y_bar = cotangents
     weights, momentum, anchor = carry
@@ -236,7 +247,7 @@ def chunk_backward(config, residuals, cotangents):
         z_bar[layer] += z_extra
         delta_bar[layer + 1] += ops.matmul(s_bar, anchor[layer + 1])
         anchor_bar[layer + 1] += ops.matmul_tn(s_bar, delta[layer + 1])
-    _, error_vjp = jax.vjp(lambda o, kk, vv: _key_error(o, kk, vv, residual_norm, ops), z[-1], k, v)
+    _, error_vjp = jax.vjp(lambda o, kk, vv: key_error(o, kk, vv, residual_norm, ops), z[-1], k, v)
     out_bar, k_bar, v_bar = error_vjp(delta_bar[-1])
     z_bar[-1] += out_bar
     # Keys, first order: z^(l) = a^(l) A^(l), a^(l+1) = act(z^(l)), a^(1) = k.

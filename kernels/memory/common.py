@@ -174,3 +174,12 @@ def memory_apply(weights: Weights, x: jax.Array, activation: str, residual_norm:
 def associative_loss(pred: jax.Array, v: jax.Array) -> jax.Array:
     """sum_d (M(k) - v)_d^2, summed over every leading axis too (tokens are independent)."""
     return jnp.sum(jnp.square(pred - v))
+
+
+def split_refs(refs, sizes):
+    """A kernel's flat refs cut into consecutive groups of the given sizes."""
+    out, i = [], 0
+    for size in sizes:
+        out.append(refs[i : i + size])
+        i += size
+    return out

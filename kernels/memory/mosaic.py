@@ -39,7 +39,7 @@ from jax.experimental.pallas import tpu as pltpu
 from titans.kernels.memory.chunked import (
     Coefficients, chunk_backward, chunk_forward, kernel_grid, kernel_groups, kernel_result,
 )
-from titans.kernels.memory.common import MemoryState, chunk_ops
+from titans.kernels.memory.common import MemoryState, chunk_ops, split_refs
 
 SEMANTICS = ("parallel", "parallel", "arbitrary")
 ROWS = ("d0", "c", "gamma_end", "mom_end")  # the per-token coefficient rows after the L theta rows
@@ -56,13 +56,6 @@ def interpret_mode(interpret: bool, dtype):
     return True if jnp.dtype(dtype) == jnp.float64 else pltpu.InterpretParams()
 
 
-def _split(refs, sizes):
-    out, i = [], 0
-    for size in sizes:
-        out.append(refs[i : i + size])
-        i += size
-    return out
-
 
 def _chunk_inputs(c, q_ref, k_ref, v_ref, rows_ref, gamma_ref, ends_ref, depth):
     """Chunk c's inputs (q, k, v, thetas), coefficients and `completes`: the token blocks are this
@@ -78,7 +71,7 @@ def _forward_kernel(*refs, depth, n, config, save):
     """Refs: start state (W, S, A: L each) [in, out]; q, k, v [b, D], rows, gamma, ends; outputs y,
     the final state (3L) and, with `save`, this chunk's start state (3L); scratch: the state (3L)."""
     sizes = [3 * depth, 6, 1, 3 * depth] + [3 * depth] * save + [3 * depth]
-    start, chunk, (y_ref,), final, *rest = _split(refs, sizes)
+    start, chunk, (y_ref,), final, *rest = split_refs(refs, sizes)
     saved, scratch = (rest[0], rest[1]) if save else (None, rest[0])
     i = pl.program_id(2)
 
@@ -108,7 +101,7 @@ def _backward_kernel(*refs, depth, n, config):
     cotangent (3L); outputs the cotangents of q, k, v, rows, gamma, the chunk's scalars (one row
     each, broadcast over b) and of the start state (3L); scratch: the state's cotangent (3L)."""
     sizes = [3 * depth, 6, 1, 3 * depth, 3, 3, 3 * depth, 3 * depth]
-    saved, chunk, (y_bar_ref,), bar_in, qkv_bar, coef_bar, bar_out, scratch = _split(refs, sizes)
+    saved, chunk, (y_bar_ref,), bar_in, qkv_bar, coef_bar, bar_out, scratch = split_refs(refs, sizes)
     j = pl.program_id(2)
 
     @pl.when(j == 0)

@@ -1,10 +1,14 @@
-"""The chunk form in Pallas: the chunk loop runs inside one kernel program per (batch, head).
+"""The chunk form in Pallas on NVIDIA GPUs (Triton): the chunk loop runs inside one kernel program
+per (batch, head).
 
-Each program keeps its memory state (weights, momentum, anchor: float32) on chip across the chunk
-loop and calls the same per-chunk math as `chunked.py` (`chunk_forward` / `chunk_backward`) on
-2-D tiles, so the two impls cannot drift apart. What stays in XLA: laying the call on the chunk
-grid and the decay coefficients of every chunk (`chunk_coefficients`, `b x b` per chunk; their
-gradient is XLA autodiff of that small function).
+Depth 2 (every preset) runs `tiled.py`'s kernels: the state stays in global memory and each chunk
+walks it in tiles of the hidden width, so a program's live values are a few `[D, 16]` tiles and
+`[b, D]` sums (no spills, seconds of compile; BENCHMARKS.md "Compile proof"). Other depths run the
+whole-state kernels below, which call the same per-chunk math as `chunked.py` (`chunk_forward` /
+`chunk_backward`) on 2-D tiles; at the presets' sizes those spill (a depth-1 `[D, D]` state is
+small, a depth >= 3 `[h, h]` one is not). What stays in XLA: laying the call on the chunk grid and
+the decay coefficients of every chunk (`chunk_coefficients`, `b x b` per chunk; their gradient is
+XLA autodiff of that small function).
 
 Training: the chunks are run in groups of ~sqrt(n). A group is one `jax.custom_vjp` op whose
 forward is one kernel launch; the `lax.scan` over groups keeps one state per group for backprop.
@@ -15,8 +19,8 @@ Matmuls are float32 in, float32 out (`Precision.HIGHEST`, Triton's "ieee" input 
 same numbers as `chunked` up to summation order; `matmul_dtype="bfloat16"` feeds them bf16 inputs
 (tensor cores) with float32 accumulation and a float32 state, in both impls alike. Triton needs
 power-of-two tiles of at least 16 for its dots, so the chunk size, head dim and hidden width must
-be powers of two >= 16 on GPU
-(`supported` says why a shape is not); interpret mode (CPU) runs any shape.
+be powers of two >= 16 on GPU (`supported` says why a shape is not); interpret mode (CPU) runs any
+shape.
 """
 
 from __future__ import annotations
@@ -32,11 +36,17 @@ from jax.experimental.pallas import triton as pltriton
 from titans.kernels.memory.chunked import (
     Coefficients, chunk_backward, chunk_forward, kernel_grid, kernel_groups, kernel_result,
 )
-from titans.kernels.memory.common import MemoryState, chunk_ops
+from titans.kernels.memory import tiled
+from titans.kernels.memory.common import MemoryState, chunk_ops, split_refs
 
-# One warp group per program: the chunk loop is sequential, and a program's tiles are small.
+# The whole-state kernels (depth 1 and >= 3): one warp group per program (the chunk loop is
+# sequential); depth 2 runs `tiled.py`'s kernels with their own warps.
 NUM_WARPS = 4
 NUM_STAGES = 1
+
+
+def _compiler_params(depth: int):
+    return pltriton.CompilerParams(num_warps=tiled.NUM_WARPS if depth == 2 else NUM_WARPS, num_stages=NUM_STAGES)
 
 
 def supported(chunk_size: int, head_dim: int, hidden: int, dtype) -> str | None:
@@ -47,14 +57,6 @@ def supported(chunk_size: int, head_dim: int, hidden: int, dtype) -> str | None:
     if jnp.dtype(dtype) != jnp.float32:
         return f"the state is {jnp.dtype(dtype)}; the Triton kernel runs float32 states"
     return None
-
-
-def _split(refs, sizes):
-    out, i = [], 0
-    for size in sizes:
-        out.append(refs[i : i + size])
-        i += size
-    return out
 
 
 def _load_chunk(i, b, q_ref, k_ref, v_ref, theta_refs, coef_refs):
@@ -72,7 +74,7 @@ def _forward_kernel(*refs, depth, b, n, config, save):
     """Refs: state (W, S, A: L each), q, k, v [n*b, D], theta (L) [n*b], coefficients, completes [n];
     outputs y [n*b, D], the final state and, with `save`, every chunk's start state [n, in, out]."""
     sizes = [depth] * 3 + [3, depth, 8, 1, 1] + [depth] * (6 if save else 3)
-    w0, s0, a0, qkv, thetas, coef_refs, (completes,), (y_ref,), *outs = _split(refs, sizes)
+    w0, s0, a0, qkv, thetas, coef_refs, (completes,), (y_ref,), *outs = split_refs(refs, sizes)
     coef_refs = Coefficients(*coef_refs)
 
     def body(i, carry):
@@ -97,7 +99,7 @@ def _backward_kernel(*refs, depth, b, n, config):
     completes, y_bar [n*b, D], the final state's cotangent (3L); outputs the cotangents of q, k, v,
     theta (L), the coefficients (8) and the start state (3L)."""
     sizes = [depth] * 3 + [3, depth, 8, 1, 1] + [depth] * 3 + [3, depth, 8] + [depth] * 3
-    sw, ss, sa, qkv, thetas, coef_refs, (completes,), (y_bar,), *rest = _split(refs, sizes)
+    sw, ss, sa, qkv, thetas, coef_refs, (completes,), (y_bar,), *rest = split_refs(refs, sizes)
     carry_bar_in, qkv_bar, theta_bar, coef_bar, carry_bar_out = rest[:3], rest[3], rest[4], rest[5], rest[6:]
     coef_refs = Coefficients(*coef_refs)
 
@@ -156,13 +158,15 @@ def _forward_call(carry, xs, static, save):
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)] + mats * 3 + (saved * 3 if save else [])
     in_specs = _specs(carry, xs, n)
     out_specs = [in_specs[3 * depth]] + [_per_head(s) for s in out_shape[1:]]
-    kernel = functools.partial(
-        _forward_kernel, depth=depth, b=b, n=n, save=save,
-        config=(activation, residual_norm, chunk_ops(kernel=True, matmul_dtype=matmul_dtype)),
-    )
+    config = (activation, residual_norm, chunk_ops(kernel=True, matmul_dtype=matmul_dtype))
+    if depth == 2:
+        t = tiled.hidden_tile(carry[0][0].shape[-1], interpret)
+        kernel = functools.partial(tiled.forward_kernel, b=b, n=n, t=t, config=config, save=save, interpret=interpret)
+    else:
+        kernel = functools.partial(_forward_kernel, depth=depth, b=b, n=n, save=save, config=config)
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B, H), in_specs=in_specs, out_specs=out_specs,
-        compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+        compiler_params=_compiler_params(depth),
         interpret=interpret, name="titans_memory_forward" + ("_save" if save else ""),
     )(*jax.tree.leaves(carry), *jax.tree.leaves(xs))
     y, rest = outs[0], outs[1:]
@@ -182,18 +186,24 @@ def _backward_call(saved, xs, cotangents, static):
     in_specs += [token_spec] + [_per_head(w) for mats in carry_bar for w in mats]
     like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     out_shape = [like(x) for x in (q, k, v, *thetas, *coef, *jax.tree.leaves(carry_bar))]
+    config = (activation, residual_norm, chunk_ops(kernel=True, matmul_dtype=matmul_dtype))
+    if depth == 2:
+        hidden = carry_bar[0][0].shape[-1]
+        out_shape.append(jax.ShapeDtypeStruct((B, H, 2, b, hidden), q.dtype))  # the kernel's scratch
+        kernel = functools.partial(tiled.backward_kernel, b=b, n=n, t=tiled.hidden_tile(hidden, interpret),
+                                   config=config, interpret=interpret)
+    else:
+        kernel = functools.partial(_backward_kernel, depth=depth, b=b, n=n, config=config)
     out_specs = [token_spec] * 3 + [_per_head(s) for s in out_shape[3:]]
-    ops = chunk_ops(kernel=True, matmul_dtype=matmul_dtype)
-    kernel = functools.partial(_backward_kernel, depth=depth, b=b, n=n, config=(activation, residual_norm, ops))
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(B, H), in_specs=in_specs, out_specs=out_specs,
-        compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+        compiler_params=_compiler_params(depth),
         interpret=interpret, name="titans_memory_backward",
     )(*jax.tree.leaves(saved), *jax.tree.leaves(xs), y_bar, *jax.tree.leaves(carry_bar))
     q_bar, k_bar, v_bar = outs[:3]
     theta_bar = tuple(outs[3 : 3 + depth])
     coef_bar = Coefficients(*outs[3 + depth : 11 + depth])
-    rest = outs[11 + depth :]
+    rest = outs[11 + depth : 11 + 4 * depth]
     start_bar = tuple(tuple(rest[i * depth : (i + 1) * depth]) for i in range(3))
     completes_bar = np.zeros(completes.shape, jax.dtypes.float0)
     return start_bar, (q_bar, k_bar, v_bar, theta_bar, coef_bar, completes_bar)
