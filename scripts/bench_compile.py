@@ -15,7 +15,7 @@ from __future__ import annotations
 from titans.train import cli
 from titans.train.bench.common import add_grid_args, grid_values
 
-GRID = {"shapes": (str, "comma-separated: small,170m,170m-b64"),
+GRID = {"shapes": (str, "comma-separated: small,170m,170m-b64,340m"),
         "families": (str, "comma-separated: memory,attention"),
         "matmul_dtypes": (str, "comma-separated memory matmul inputs: float32,bfloat16"),
         "archs": (int, "comma-separated compute capabilities: 80,90"),

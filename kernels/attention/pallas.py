@@ -29,8 +29,13 @@ from jax.experimental.pallas import triton as pltriton
 
 from titans.kernels.attention.blockwise import MASKED
 
-NUM_WARPS = 4
+NUM_WARPS = 8
 NUM_STAGES = 2
+# The largest query/key tile each kernel compiles without spilling at 8 warps, by input itemsize
+# (head dim 64; BENCHMARKS.md "Compile proof"): bf16 [64, 64] tiles, float32 [32, 64]. A larger
+# `block` (the presets ask 128-256, which suit XLA's blockwise impl) is run as these tiles: the
+# block is only a tile size here, the result is the same up to summation order.
+MAX_BLOCK = {2: 64, 4: 32}
 
 
 def supported(head_dim: int, block: int) -> str | None:
@@ -223,6 +228,8 @@ def sliding_window_attention_pallas(q, k, v, *, window: int, start, persistent=N
     window part of each key stream; the parts and the slots are merged here through their
     log-sum-exps: `o = sum_s exp(lse_s - L) o_s` with `L = logsumexp_s lse_s`."""
     B, P, H, D = q.shape
+    if not interpret:
+        block = min(block, MAX_BLOCK.get(jnp.dtype(q.dtype).itemsize, min(MAX_BLOCK.values())))
     prefix = k.shape[1] - P
     P_pad = -(-P // block) * block
     K_pad = -(-(prefix + P_pad) // block) * block

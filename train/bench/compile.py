@@ -41,7 +41,7 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 # name: (preset, memory chunk size or None for the preset's). 170m is the paper's memory (head dim
 # 64, expansion 4, depth 2, chunk 16); 340m and 760m share its memory shape.
-SHAPES = {"small": ("small", None), "170m": ("170m", None), "170m-b64": ("170m", 64)}
+SHAPES = {"small": ("small", None), "170m": ("170m", None), "170m-b64": ("170m", 64), "340m": ("340m", None)}
 FAMILIES = ("memory", "attention")
 
 
