@@ -12,11 +12,13 @@ that same IR to PTX on a GPU (../shared/notes/stack.md, s10).
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from titans.kernels import platform
 from titans.kernels.memory.common import layer_shapes
 
 F32 = jnp.float32
@@ -34,7 +36,7 @@ def _abstract_gpu():
 def lower_for_cuda(fn, *args) -> str:
     """The StableHLO text of `jit(fn)(*args)` exported for CUDA (args may be ShapeDtypeStructs)."""
     disabled = [jax.export.DisabledSafetyCheck.custom_call(name) for name in _GPU_CALLS]
-    with _abstract_gpu():
+    with _abstract_gpu(), platform.target("gpu"):
         exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=disabled)(*args)
     return exported.mlir_module()
 
@@ -55,11 +57,18 @@ def triton_calls(text: str) -> int:
 def lower_for_tpu(fn, *args) -> str:
     """The StableHLO text of `jit(fn)(*args)` exported for TPU: each Pallas kernel lowers through
     Mosaic (its block shapes and primitives checked) into one `tpu_custom_call`."""
-    return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
+    with platform.target("tpu"):
+        return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
 
 
 def mosaic_calls(text: str) -> int:
     return text.count("tpu_custom_call")
+
+
+def mosaic_kernels(text: str) -> set[str]:
+    """The kernel names of a TPU-lowered module's Mosaic calls (a kernel that XLA calls from
+    several places, e.g. every layer of a model, is one name)."""
+    return set(re.findall(r'kernel_name\s*=\s*"([^"]+)"', text))
 
 
 class TritonKernel(NamedTuple):

@@ -12,7 +12,9 @@ import pytest
 
 from titans.kernels.attention import sliding_window_attention
 from titans.kernels.attention.pallas import sliding_window_attention_pallas
-from titans.kernels.lowering import lower_for_cuda, lower_for_tpu, memory_scan_specs, mosaic_calls, triton_calls
+from titans.kernels.lowering import (
+    lower_for_cuda, lower_for_tpu, memory_scan_specs, mosaic_calls, mosaic_kernels, triton_calls,
+)
 from titans.kernels.memory import MemoryState, memory_scan
 from titans.kernels.memory.pallas import memory_scan_pallas
 
@@ -145,3 +147,35 @@ def test_memory_scan_lowers_for_tpu_forward_and_backward(name):
     assert mosaic_calls(lower_for_tpu(functools.partial(_forward, **kw), weights, *args)) == 1
     grad = jax.grad(functools.partial(_loss, **kw), argnums=tuple(range(7)))
     assert mosaic_calls(lower_for_tpu(grad, weights, *args)) == 3
+
+
+@pytest.mark.parametrize("variant", ["mac", "mal"])
+def test_training_step_of_small_lowers_for_tpu(variant):
+    """A whole optimizer step of the `small` preset (forward, backward, AdamW) with both kernels
+    asked as `impl="pallas"`, exported for TPU from this CPU host: `platform.target("tpu")`, which
+    `lower_for_tpu` sets, makes every call dispatch as on a TPU, so the module holds the memory's
+    three Mosaic kernels and splash attention's three (MAC's with its aligned stream) and nothing
+    interpreted."""
+    import optax
+    from flax import nnx
+
+    import titans
+    from titans.train.steps import train_step
+
+    cfg = titans.load_preset("small", variant=variant, attn_impl="pallas", memory={"impl": "pallas"})
+    model = titans.TitansLM(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)))
+
+    def step(state, batch):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss, *_ = train_step(model, optimizer, batch, jnp.float32(1e-3))
+        return loss, nnx.state((model, optimizer))
+
+    T = 2 * cfg.attn_block + 33  # ragged: padded to whole chunks and attention tiles
+    batch = {"tokens": jax.ShapeDtypeStruct((2, T + 1), jnp.int32), "weights": jax.ShapeDtypeStruct((2, T), F32)}
+    text = lower_for_tpu(step, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state), batch)
+    kernels = {name.split("_segmented")[0] for name in mosaic_kernels(text)}
+    assert kernels == {"titans_memory_forward", "titans_memory_forward_save", "titans_memory_backward",
+                       "splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"}, kernels
+    assert mosaic_calls(text) >= len(kernels)
+

@@ -8,6 +8,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from titans.kernels import platform
 from titans.kernels.attention.blockwise import sliding_window_attention_blockwise
 from titans.kernels.attention.mosaic import sliding_window_attention_mosaic
 from titans.kernels.attention.pallas import sliding_window_attention_pallas, supported
@@ -23,7 +24,7 @@ def _resolve(impl: str, interpret: bool | None, head_dim: int, length: int, bloc
     """(impl, interpret). `pallas` is the Mosaic kernel on TPU. `auto` -> the Pallas kernel on GPU
     (for shapes it compiles) or TPU, for pieces longer than one block (a decode step or short piece
     is one dense XLA block already), else `blockwise`."""
-    backend = jax.default_backend()
+    backend = platform.backend()
     if impl == "pallas" and backend == "tpu":
         impl = "mosaic"
     if interpret is None:  # interpret exactly where the kernel cannot compile

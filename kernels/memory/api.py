@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from titans.kernels import platform
 from titans.kernels.memory.chunked import memory_scan_chunked
 from titans.kernels.memory.common import ACTIVATIONS, MATMUL_DTYPES, MemoryState
 from titans.kernels.memory.mosaic import memory_scan_mosaic
@@ -100,14 +101,14 @@ def _interpret(interpret: bool | None, impl: str) -> bool:
     the TPU kernel, anything but a TPU)."""
     if interpret is not None:
         return bool(interpret)
-    return jax.default_backend() != "tpu" if impl == "mosaic" else jax.default_backend() == "cpu"
+    return platform.backend() != "tpu" if impl == "mosaic" else platform.backend() == "cpu"
 
 
 def _resolve(impl: str, interpret: bool | None, chunk_size: int, head_dim: int, state: MemoryState, dtype) -> str:
     """`pallas` is the Mosaic kernel on TPU. `auto` -> the Mosaic kernel on TPU, the Triton one on
     GPU for the shapes it compiles, else `chunked`; a shape that an explicitly requested compiled
     Triton kernel cannot run is one clear error (the Mosaic kernel tiles every shape)."""
-    backend = jax.default_backend()
+    backend = platform.backend()
     if impl in ("pallas", "auto") and backend == "tpu":
         return "mosaic"
     weights = tuple(state.weights)
