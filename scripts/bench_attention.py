@@ -1,5 +1,6 @@
-"""GPU benchmark of sliding-window attention: `blockwise` (XLA) vs the `pallas` flash kernel, forward
-and forward+backward, with cuDNN's windowed attention (no persistent slots) as a yardstick.
+"""GPU/TPU benchmark of sliding-window attention: `blockwise` (XLA) vs the `pallas` flash kernel (the
+Mosaic path on a TPU), forward and forward+backward, with cuDNN's windowed attention (no persistent
+slots; GPU only) as a yardstick.
 
     python scripts/bench_attention.py              # the grid on the visible GPU
     python scripts/bench_attention.py --write      # ... written to BENCHMARKS.md

@@ -1,4 +1,5 @@
-"""GPU benchmark of the memory-scan kernels: `chunked` (XLA) vs `pallas`, forward and forward+backward.
+"""GPU/TPU benchmark of the memory-scan kernels: `chunked` (XLA) vs `pallas` (the Mosaic kernel on a TPU),
+forward and forward+backward.
 
     python scripts/bench_kernels.py                 # the grid of issue 7 on the visible GPU
     python scripts/bench_kernels.py --write         # ... written to BENCHMARKS.md

@@ -1,5 +1,6 @@
-"""GPU benchmark of sliding-window attention: `blockwise` (XLA) vs the `pallas` flash kernel, forward
-and forward+backward, with cuDNN's windowed attention (no persistent slots) as a yardstick.
+"""GPU/TPU benchmark of sliding-window attention: `blockwise` (XLA) vs the `pallas` flash kernel, forward
+and forward+backward, with cuDNN's windowed attention (no persistent slots) as a yardstick. On a
+TPU `pallas` is the Mosaic path (JAX's splash attention, `mosaic.py`) and `cudnn` is skipped.
 
 Attention alone (no projections, no RoPE), bf16 inputs, 16 persistent slots, width 1024 as 16 heads
 x 64 and 8 x 128, windows 512 and 2048, 8K and 64K tokens, `batch x tokens` = 128K per step.
@@ -17,7 +18,8 @@ import dataclasses
 import statistics
 import sys
 
-from titans.train.bench.common import check_lists, child_main, max_rel_err, repeat, run_gpu_grid, speed_table
+from titans.train.bench.common import (check_lists, child_main, gpu_only_row, max_rel_err, repeat, run_gpu_grid,
+                                       speed_table)
 
 SECTION = "bench_attention"
 IMPLS = ("blockwise", "pallas", "cudnn")
@@ -77,6 +79,8 @@ def run_case(case: dict, cfg: BenchConfig) -> dict:
 
     heads, dim = map(int, case["heads"].split("x"))
     batch = max(1, cfg.tokens_per_step // case["seq"])
+    if (row := gpu_only_row(case)) is not None:
+        return row | dict(batch=batch)
     keys = jax.random.split(jax.random.key(0), 5)
     shape = (batch, case["seq"], heads, dim)
     args = [jax.random.normal(key, shape, jnp.bfloat16) for key in keys[:3]]

@@ -20,16 +20,34 @@ from typing import Callable, Iterable
 BENCHMARKS = Path("BENCHMARKS.md")
 
 
-# Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's datasheets, by jax device_kind prefix.
+# Dense bf16 peaks (TFLOP/s) by jax device_kind prefix (the first key that prefixes it): NVIDIA's
+# datasheets; Google Cloud's TPU pages, per chip (v5e is "TPU v5 lite", v6e "TPU v6 lite").
 BF16_PEAK_TFLOPS = {
     "NVIDIA H100 80GB HBM3": 989.4,  # SXM
     "NVIDIA H100 PCIe": 756.0,
     "NVIDIA H100 NVL": 835.0,
     "NVIDIA H200": 989.4,
     "NVIDIA A100": 312.0,
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5": 459.0,  # v5p
+    "TPU v6 lite": 918.0,
 }
-# SM counts, for a batch that fills the GPU; 132 (H100 SXM) where the kind is unknown.
-SM_COUNT = {"NVIDIA H100 80GB HBM3": 132, "NVIDIA H100 PCIe": 114, "NVIDIA H100 NVL": 132, "NVIDIA H200": 132, "NVIDIA A100": 108}
+# Units that run programs in parallel, for a batch that fills the device: SMs of a GPU, TensorCores
+# of a TPU chip (a Mosaic grid's "parallel" axes are split over them); 132 (H100 SXM) if unknown.
+PARALLEL_UNITS = {"NVIDIA H100 80GB HBM3": 132, "NVIDIA H100 PCIe": 114, "NVIDIA H100 NVL": 132, "NVIDIA H200": 132,
+                  "NVIDIA A100": 108, "TPU v4": 2, "TPU v5 lite": 1, "TPU v5": 2, "TPU v6 lite": 1}
+# Impls of the benchmarks that exist on GPUs only (cuDNN; flash-linear-attention, PyTorch + Triton).
+GPU_ONLY = ("cudnn", "fla")
+
+
+def gpu_only_row(case: dict) -> dict | None:
+    """The row of a GPU-only impl's case on another backend (a TPU runs the rest), else None."""
+    import jax
+
+    if case.get("impl") in GPU_ONLY and jax.default_backend() != "gpu":
+        return dict(case, status=f"GPU only (this is {jax.default_backend()})")
+    return None
 
 
 def device_kind() -> str:

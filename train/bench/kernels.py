@@ -1,14 +1,15 @@
-"""GPU benchmark of the memory-scan kernels: `chunked` (XLA) vs `pallas`, forward and forward+backward.
+"""GPU/TPU benchmark of the memory-scan kernels: `chunked` (XLA) vs `pallas`, forward and forward+backward.
+On a TPU `pallas` is the Mosaic kernel (`mosaic.py`) and `fla` is skipped (GPU only).
 
 Memory scan alone (no projections), memory depth 2 at expansion 4 (and depth 1, "linear memory"),
 float32 matmuls (exact) and bf16 matmul inputs with float32 accumulation (`matmul_dtype`),
 width 1024 as 16 heads x 64 and 8 x 128, chunks 16/64/256, 8K and 64K tokens. The batch is chosen
-so that batch x heads >= 2 x the GPU's SM count: one program per (batch, head) and a sequential
-chunk loop give no other parallelism. Inputs bf16, state float32; the loss for forward+backward is
+so that batch x heads >= 2 x the device's parallel units (a GPU's SMs, a TPU chip's TensorCores):
+one program per (batch, head) and a sequential chunk loop give no other parallelism. Inputs bf16, state float32; the loss for forward+backward is
 sum(y^2), gradients w.r.t. the initial state and every input. Each case runs in its own process
 (an out-of-memory case fails alone) and checks its output against `chunked` on the same inputs.
 FLOPs are analytic (`titans.kernels.memory.scan_flops_per_token`; forward+backward counts 3x the forward, the
-recompute is not counted) and are reported against the GPU's dense bf16 peak. With depth 1 and
+recompute is not counted) and are reported against the device's dense bf16 peak. With depth 1 and
 flash-linear-attention installed (PyTorch), `chunk_gated_delta_rule` runs on the same shapes.
 """
 
@@ -20,8 +21,8 @@ import statistics
 import sys
 
 from titans.kernels.memory import layer_shapes, scan_flops_per_token
-from titans.train.bench.common import (SM_COUNT, check_lists, child_main, device_kind, lookup, max_rel_err, repeat,
-                                       run_gpu_grid, speed_table)
+from titans.train.bench.common import (PARALLEL_UNITS, check_lists, child_main, device_kind, gpu_only_row, lookup,
+                                       max_rel_err, repeat, run_gpu_grid, speed_table)
 
 SECTION = "bench_kernels"
 
@@ -61,7 +62,7 @@ class BenchConfig:
 def _batch(cfg: BenchConfig, heads: int) -> int:
     if cfg.batch:
         return cfg.batch
-    return math.ceil(2 * (lookup(SM_COUNT, device_kind()) or 132) / heads)
+    return math.ceil(2 * (lookup(PARALLEL_UNITS, device_kind()) or 132) / heads)
 
 
 def _inputs(case: dict, batch: int, cfg: BenchConfig):
@@ -136,6 +137,8 @@ def run_case(case: dict, cfg: BenchConfig) -> dict:
 
     heads, dim = map(int, case["heads"].split("x"))
     batch = _batch(cfg, heads)
+    if (row := gpu_only_row(case)) is not None:
+        return row | dict(batch=batch)
     try:
         if case["impl"] == "fla":
             run = _fla_step(case, batch)
