@@ -126,15 +126,23 @@ class MAC(nnx.Module):
             seen = ring_positions(start, seg) >= start - start % seg  # this segment's tokens only
             y = decode_attention(q[:, 0], [tuple(caches["tokens"]), tuple(caches["retrievals"])], seen, persistent)
         else:
-            # The rings hold the C tokens before x; the query at `start` sees at most the last C - 1.
-            full = {name: tuple(jnp.concatenate([c[:, 1:], u.astype(c.dtype)], axis=1)
-                                for c, u in zip(unroll(getattr(state, name), start), own[name]))
-                    for name in own}
+            if aligned and n == seg:
+                # A whole segment from its start (training's scan over segments): its own keys are
+                # all it sees and, as they stand, the new rings (slot p % C holds position p).
+                keys = own
+                caches = {name: AttentionCache(*(u.astype(c.dtype).transpose(0, 2, 1, 3)
+                                                 for c, u in zip(getattr(state, name), own[name])))
+                          for name in own}
+            else:
+                # The rings hold the C tokens before x; the query at `start` sees at most the last C - 1.
+                full = {name: tuple(jnp.concatenate([c[:, 1:], u.astype(c.dtype)], axis=1)
+                                    for c, u in zip(unroll(getattr(state, name), start), own[name]))
+                        for name in own}
+                keys = own if aligned else full
+                caches = {name: roll_up(*(u[:, -seg:] for u in full[name]), start + n) for name in full}
             # Positions from the segment start: the cached keys of an earlier segment fall before 0.
-            keys = own if aligned else full
             y = sliding_window_attention(q, *keys["tokens"], window=seg, start=start % seg, persistent=persistent,
                                          aligned_kv=keys["retrievals"], block=cfg.attn_block, impl=cfg.attn_impl)
-            caches = {name: roll_up(*(u[:, -seg:] for u in full[name]), start + n) for name in full}
         y = y.reshape(batch, n, cfg.attn_width)
 
         m, memory, records = self.memory.scan_unrecorded(y, state.memory)
