@@ -198,3 +198,25 @@ def test_rope_is_relative_and_precise_at_2m_tokens():
         return float(jnp.sum(apply_rope(x, cq, sq) * apply_rope(y, ck, sk)))
 
     np.testing.assert_allclose(score(2_000_017, 2_000_000), score(17, 0), atol=5e-3)
+
+
+@pytest.mark.parametrize("position", [3, 9, 20])
+def test_decode_reading_the_ring_before_its_write_equals_after(position):
+    """A decode step that reads the ring before writing its own slot (`ring_seen`, `current`) sees
+    exactly what it sees after the write, for a ring not yet full, just full and wrapped, with two
+    streams (MAC's) and a first visible position (MAC's segment start)."""
+    from titans.attention import AttentionCache, ring_positions, ring_seen, write_slot
+    from titans.kernels.attention import decode_attention
+
+    B, H, S, D = 2, 3, 8, 4
+    keys = iter(jax.random.split(jax.random.key(position), 10))
+    rings = [AttentionCache(*(jax.random.normal(next(keys), (B, H, S, D)) for _ in range(2))) for _ in range(2)]
+    own = [tuple(jax.random.normal(next(keys), (B, H, D)) for _ in range(2)) for _ in range(2)]
+    q = jax.random.normal(next(keys), (B, H, D))
+    slots = (jax.random.normal(next(keys), (5, H, D)),) * 2
+    first = position - position % 6  # a segment start, as MAC's
+    after = [write_slot(r, *u, position) for r, u in zip(rings, own)]
+    held = ring_positions(position, S)
+    want = decode_attention(q, [tuple(r) for r in after], (held >= first) & (held > position - S), slots)
+    got = decode_attention(q, [tuple(r) for r in rings], ring_seen(position, S, first), slots, current=own)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)

@@ -84,10 +84,10 @@ def test_stop_tokens_end_rows_independently():
 
 def test_one_decode_program_per_batch_shape_and_bucket():
     model = build("lmm")
-    before = sampling.decode_loop._cache_size()
+    before = sampling.DECODE_PROGRAMS["cpu"]._cache_size()
     a = titans.generate(model, [PROMPTS[0], PROMPTS[0][::-1]], 5, 1, temperature=0.7)
     b = titans.generate(model, [PROMPTS[0] + 1, PROMPTS[0]], 11, 2, temperature=1.3, top_p=1.0)
-    assert sampling.decode_loop._cache_size() - before == 1  # 4 and 10 more tokens: one bucket of 16
+    assert sampling.DECODE_PROGRAMS["cpu"]._cache_size() - before == 1  # 4 and 10 more tokens: one bucket of 16
     assert [len(r) for r in a + b] == [5, 5, 11, 11]
 
 

@@ -4,7 +4,7 @@ The query at absolute position `p` sees the keys at `p - window + 1 .. p` (itsel
 all `N_p` persistent key/value slots of its layer (learned, no RoPE), computed by
 `kernels.attention.sliding_window_attention` (blockwise XLA, or the Pallas flash kernel on GPU).
 Streaming carries the last `w` keys/values (`AttentionCache`), a fixed size, in a ring: a one-token
-step (decode) writes its slot in place and attends to the ring (`kernels.attention.decode_attention`);
+step (decode) attends to the ring and its own key (`kernels.attention.decode_attention`), then writes its slot in place;
 a longer piece unrolls the ring, oldest first, for the sequence kernel.
 """
 
@@ -45,6 +45,14 @@ def ring_positions(position, size: int) -> jax.Array:
     """The absolute position each slot of a ring of `size` holds once the token at `position` is
     written (int32 `[size]`): the latest p <= position with p % size == slot; negative if never written."""
     return position - jnp.mod(position - jnp.arange(size, dtype=jnp.int32), size)
+
+
+def ring_seen(position, size: int, first) -> jax.Array:
+    """The slots `[size]` bool that the token at `position` sees in a ring of its predecessors (before
+    its own write): written, within its window of `size` (its own slot holds position - size) and
+    at positions >= `first`."""
+    held = ring_positions(position - 1, size)
+    return (held > position - size) & (held >= first)
 
 
 def unroll(cache: AttentionCache, position) -> tuple[jax.Array, jax.Array]:
@@ -134,11 +142,10 @@ class SlidingWindowAttention(nnx.Module):
         fresh = cache is None
         if fresh:
             cache = self.init_state(batch)
-        if length == 1 and not fresh:  # decode: write this token's slot, then attend to the ring
-            cache = write_slot(cache, k[:, 0], v[:, 0], start)
-            seen = ring_positions(start, cfg.window) >= 0
-            out = decode_attention(q[:, 0], [tuple(cache)], seen, persistent)
-            return out.reshape(batch, length, cfg.attn_width), cache
+        if length == 1 and not fresh:  # decode: attend to the ring and this token, then write its slot
+            out = decode_attention(q[:, 0], [tuple(cache)], ring_seen(start, cfg.window, 0), persistent,
+                                   current=[(k[:, 0], v[:, 0])])
+            return out.reshape(batch, length, cfg.attn_width), write_slot(cache, k[:, 0], v[:, 0], start)
         # The ring holds the `window` tokens before x; the query at `start` sees the last window - 1.
         past_k, past_v = (u[:, 1:] for u in unroll(cache, start))
         full_k, full_v = jnp.concatenate([past_k, k], axis=1), jnp.concatenate([past_v, v], axis=1)

@@ -155,13 +155,18 @@ def _ended(token, done):
     return jnp.where(done, ENDED, token)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "block", "static", "plan"), donate_argnums=(2,))
 def decode_loop(graphdef, params, carry: Carry, key, values, stop, n, *, block: int, static, plan):
-    """Up to `n <= block` more tokens per row (fewer once every row has ended).
+    """Up to `n <= block` more tokens per row (fewer once every row has ended), one compiled program
+    per batch shape, bucket and sampler kind; `carry` is donated.
 
     Returns the new carry, the tokens `[batch, block]` (ENDED after a row's end, garbage past the
     count) and how many steps ran.
     """
+    loop = DECODE_PROGRAMS["cpu" if jax.default_backend() == "cpu" else "accelerator"]
+    return loop(graphdef, params, carry, key, values, stop, n, block=block, static=static, plan=plan)
+
+
+def _decode_loop(graphdef, params, carry: Carry, key, values, stop, n, *, block: int, static, plan):
     model = nnx.merge(graphdef, params)
 
     def one_row(token, rows):  # a batch-of-one state at this row's own position
@@ -181,6 +186,16 @@ def decode_loop(graphdef, params, carry: Carry, key, values, stop, n, *, block: 
     i, carry, out = jax.lax.while_loop(lambda loop: (loop[0] < n) & ~jnp.all(loop[1].done), body,
                                        (jnp.int32(0), carry, out))
     return carry, out, i
+
+
+_DECODE_JIT = dict(static_argnames=("graphdef", "block", "static", "plan"), donate_argnums=(2,))
+# XLA:CPU's default copy insertion copies each attention ring of the loop's carry once or twice per
+# token; with region analysis it keeps them in place (BENCHMARKS.md, decode). A CPU compiler
+# option, so accelerators compile without it.
+DECODE_PROGRAMS = {
+    "cpu": jax.jit(_decode_loop, compiler_options={"xla_cpu_copy_insertion_use_region_analysis": True}, **_DECODE_JIT),
+    "accelerator": jax.jit(_decode_loop, **_DECODE_JIT),
+}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from titans.attention import (AttentionCache, apply_rope, persistent_slots, ring_positions, roll_up, rope_angles,
+from titans.attention import (AttentionCache, apply_rope, persistent_slots, ring_seen, roll_up, rope_angles,
                               unroll, write_slot)
 from titans.kernels.attention import decode_attention, sliding_window_attention
 from titans.kernels.memory import memory_apply
@@ -121,10 +121,11 @@ class MAC(nnx.Module):
         own = {"tokens": (rope(self.kx_proj(x)), split(self.vx_proj(x))),
                "retrievals": (rope(self.kh_proj(h)), split(self.vh_proj(h)))}
         persistent = (self.persistent_k[...], self.persistent_v[...])
-        if n == 1 and not aligned:  # decode: write this token's slot of each ring, then attend to the rings
+        if n == 1 and not aligned:  # decode: attend to the rings and this token, then write its slots
+            seen = ring_seen(start, seg, start - start % seg)  # this segment's tokens only
+            y = decode_attention(q[:, 0], [tuple(getattr(state, name)) for name in own], seen, persistent,
+                                 current=[tuple(u[:, 0] for u in own[name]) for name in own])
             caches = {name: write_slot(getattr(state, name), *(u[:, 0] for u in own[name]), start) for name in own}
-            seen = ring_positions(start, seg) >= start - start % seg  # this segment's tokens only
-            y = decode_attention(q[:, 0], [tuple(caches["tokens"]), tuple(caches["retrievals"])], seen, persistent)
         else:
             if aligned and n == seg:
                 # A whole segment from its start (training's scan over segments): its own keys are
