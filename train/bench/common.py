@@ -123,9 +123,7 @@ def run_gpu_grid(module: str, cfg, section: str, about: str,
     text = (f"Command: {command_line()}  \n"
             f"{machine_line()}; device: {kind}{f' (dense bf16 peak {peak} TFLOP/s)' if peak else ''}"
             f"{'; Pallas interpreted' if cfg.interpret else ''}  \n{about}\n\n{table(rows, peak)}")
-    print(text)
-    if cfg.write:
-        write_section(text, section)
+    publish(text, section if cfg.write else None)
     return rows
 
 
@@ -188,6 +186,14 @@ def machine_line() -> str:
 
     return (f"Date: {datetime.date.today()}; jax {jax.__version__}; {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} CPUs ({cpu_name()})")
+
+
+def publish(text: str, section: str | None) -> None:
+    """A benchmark's result: printed, and with `section` also written to BENCHMARKS.md there."""
+    print(text)
+    if section:
+        write_section(text, section)
+        print(f"wrote {BENCHMARKS} ({section})")
 
 
 def write_section(text: str, section: str) -> None:

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from titans.train.bench.common import check_lists, child_main, command_line, machine_line, run_in_child, write_section
+from titans.train.bench.common import check_lists, child_main, command_line, machine_line, publish, run_in_child
 
 SECTION = "bench_compile"
 
@@ -223,11 +223,9 @@ def verdict(row: dict) -> str:
     return ", ".join(problems) or "ok"
 
 
-def run(cfg: CompileConfig, log=print) -> list[dict]:
-    """Every case of `cfg`, compiled one at a time; returns the rows (also `log`ged as they finish)."""
-    ptxas = find_ptxas(cfg.ptxas)
-    if ptxas is None:
-        raise FileNotFoundError("no ptxas: install the CUDA toolkit or the triton wheel, or pass --ptxas")
+def run(cfg: CompileConfig, ptxas: str, log=print) -> list[dict]:
+    """Every case of `cfg`, compiled one at a time with `ptxas`; returns the rows (also `log`ged as
+    they finish)."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="titans-compile-") as tmp:
         for shape, family, mm in cases(cfg):
@@ -242,13 +240,13 @@ def run(cfg: CompileConfig, log=print) -> list[dict]:
 
 def main(cfg: CompileConfig) -> list[dict]:
     ptxas = find_ptxas(cfg.ptxas)
-    rows = run(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+    if ptxas is None:
+        raise FileNotFoundError("no ptxas: install the CUDA toolkit or the triton wheel, or pass --ptxas")
+    rows = run(cfg, ptxas, log=lambda line: print(line, file=sys.stderr, flush=True))
     text = (f"Command: {command_line()}  \n{machine_line()}; {versions(ptxas)}; timeout {cfg.timeout_s:.0f} s "
             "a stage  \nregs: registers per thread; stack, spills: bytes per thread (`ptxas -v`); shared: "
             "Triton's shared memory per block against the architecture's opt-in limit.\n\n" + table(rows))
-    print(text)
-    if cfg.write:
-        write_section(text, SECTION)
+    publish(text, SECTION if cfg.write else None)
     return rows
 
 

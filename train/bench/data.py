@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from titans.train.bench.common import child_main, command_line, machine_line, peak_rss_mb, progress, run_in_child
-from titans.train.bench.common import write_section
+from titans.train.bench.common import publish
 
 SECTION = "bench_data"
 FILE_MB = 64
@@ -164,9 +164,7 @@ def main(cfg: BenchDataConfig) -> list[dict]:
             f"Generated corpora of {', '.join(f'{mb} MB' for mb in cfg.store_mbs)} (byte tokenizer stores); the "
             "tokenize rows encode the default corpus's 15.8 MB training split. Peak RSS across store sizes: "
             + ", ".join(f"{k} {100 * v:+.1f}%" for k, v in spread.items()) + "\n\n" + table(rows, cfg))
-    print(text)
-    if cfg.write:
-        write_section(text, SECTION)
+    publish(text, SECTION if cfg.write else None)
     return rows
 
 

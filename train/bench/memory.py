@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 from titans.kernels.memory import scan_flops_per_token
-from titans.train.bench.common import (BENCHMARKS, child_main, command_line, machine_line, peak_rss_mb, progress,
-                                       repeat, run_in_child, timed, write_section)
+from titans.train.bench.common import (child_main, command_line, machine_line, peak_rss_mb, progress, publish,
+                                       repeat, run_in_child, timed)
 
 PEER_SCRIPT = Path("../shared/peers/titans_pytorch_bench.py")  # beside the checkout, as CI lays it out
 SECTION = "bench_memory"  # + "_<n>dev" for --devices n
@@ -203,10 +203,7 @@ def main(cfg: BenchConfig) -> list[dict]:
     if peer:
         header += f"  \nPeer: titans-pytorch {peer[0].get('titans_pytorch')}, torch {peer[0].get('torch')}, run right after."
     text = header + "\n\n" + table(rows, peer, matmul)
-    print(text)
-    if cfg.write:
-        write_section(text, SECTION if cfg.devices == 1 else f"{SECTION}_{cfg.devices}dev")
-        print(f"wrote {BENCHMARKS}")
+    publish(text, (SECTION if cfg.devices == 1 else f"{SECTION}_{cfg.devices}dev") if cfg.write else None)
     return rows
 
 

@@ -22,8 +22,8 @@ import sys
 import numpy as np
 
 from titans.config import VARIANTS
-from titans.train.bench.common import (child_main, command_line, machine_line, peak_rss_mb, progress, repeat,
-                                       run_in_child, timed, write_section)
+from titans.train.bench.common import (child_main, command_line, machine_line, peak_rss_mb, progress, publish,
+                                       repeat, run_in_child, timed)
 
 SECTION = "bench_model"
 MODES = ("train", "prefill", "decode", "generate")
@@ -179,10 +179,7 @@ def main(cfg: BenchModelConfig) -> list[dict]:
         "from a sequence start. Peak RSS = the case's whole process (JAX runtime included)."
         "\n\n" + table(rows)
     )
-    print(text)
-    if cfg.write:
-        write_section(text, SECTION)
-        print("wrote BENCHMARKS.md")
+    publish(text, SECTION if cfg.write else None)
     return rows
 
 
