@@ -30,6 +30,7 @@ def main(argv=None) -> dict:
     from titans.train.trainer import train
 
     run = load_run_config(args.config, args.overrides)
+    hosts.split_cpu_cores(run.train.batch_size, run.train.grad_accum, args.distributed)
     hosts.initialize(args.distributed, run.train.heartbeat_timeout)
     out = Path(args.out or f"runs/{Path(str(args.config)).stem}-{run.model.variant}")
     summary = train(run, out, steps=args.steps, progress=not args.no_progress)

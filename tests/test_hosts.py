@@ -160,3 +160,28 @@ def test_grad_accum_gives_the_full_batch_update():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5), params4, params1)
     assert float(jnp.max(jnp.abs(params1["embed"]["embedding"][...] - titans.TitansLM(
         cfg, rngs=nnx.Rngs(0)).embed.embedding[...]))) > 1e-4  # the step moved the weights
+
+
+@pytest.mark.parametrize("batch, accum, cores, env, count", [
+    (8, 1, 2, {}, 2),  # the default small run on 2 cores: 4 rows per device
+    (6, 1, 4, {}, 3),  # the largest divisor of the rows within the cores
+    (8, 4, 2, {}, 2),  # micro-batches of 2 rows
+    (2, 3, 2, {}, 1),  # rows that do not split: the trainer's error stays the one the user sees
+    (8, 1, 2, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, 1),  # the user's count stands
+    (8, 1, 2, {"JAX_NUM_PROCESSES": "2"}, 2),  # 4 rows per process
+    (8, 1, 2, {"JAX_COORDINATOR_ADDRESS": "h:1"}, 1),  # process count unknown yet
+])
+def test_cpu_cores_split_the_batch_rows(monkeypatch, batch, accum, cores, env, count):
+    from titans.train import hosts
+
+    for name in ("XLA_FLAGS", "JAX_NUM_PROCESSES", "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert hosts.split_cpu_cores(batch, accum) == count
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "XLA_FLAGS" in env:
+        assert flags == env["XLA_FLAGS"]
+    else:
+        assert flags == (f"--xla_force_host_platform_device_count={count}" if count > 1 else "")

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -122,8 +123,11 @@ def test_resume_after_a_signal_is_bit_exact(text_corpus, uninterrupted, tmp_path
     extra = ["train.checkpoint_every=1"] if sig == signal.SIGKILL else []
     run = load_run_config("tiny", overrides(text_corpus) + extra)
     cut = tmp_path / "cut"
+    # The child on this process's device count: scripts/train.py would split the rows over every
+    # core, and a resume on other devices is the same run only up to summation order.
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.environ.get(
-        "JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/titans-jax/jax-cache")))
+        "JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/titans-jax/jax-cache")),
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={jax.device_count()}")
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", "tiny", "--out", str(cut), "--steps",
            str(STEPS), "--no-progress"] + [a for o in overrides(text_corpus) + extra for a in ("--set", o)]
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
