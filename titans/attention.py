@@ -4,8 +4,8 @@ The query at absolute position `p` sees the keys at `p - window + 1 .. p` (itsel
 all `N_p` persistent key/value slots of its layer (learned, no RoPE), computed by
 `kernels.attention.sliding_window_attention` (blockwise XLA, or the Pallas flash kernel on GPU).
 Streaming carries the last `w` keys/values (`AttentionCache`), a fixed size, in a ring: a one-token
-step (decode) attends to the ring and its own key (`kernels.attention.decode_attention`), then writes its slot in place;
-a longer piece unrolls the ring, oldest first, for the sequence kernel.
+step (decode) attends to the ring and its own key (`kernels.attention.decode_attention`), then
+writes its slot in place; a longer piece unrolls the ring, oldest first, for the sequence kernel.
 """
 
 from __future__ import annotations

@@ -59,17 +59,6 @@ def supported(chunk_size: int, head_dim: int, hidden: int, dtype) -> str | None:
     return None
 
 
-def _load_chunk(i, b, q_ref, k_ref, v_ref, theta_refs, coef_refs):
-    """Chunk i's inputs and coefficients from the program's refs (rows `[i*b, (i+1)*b)`)."""
-    t = pl.ds(i * b, b)
-    inputs = (q_ref[t, :], k_ref[t, :], v_ref[t, :], tuple(r[t] for r in theta_refs))
-    c = coef_refs
-    coef = Coefficients(
-        c.d0[t], c.c[t], c.gamma[t, :], c.d0_end[i], c.c_end[i], c.h0_end[i], c.gamma_end[t], c.mom_end[t]
-    )
-    return inputs, coef
-
-
 def _forward_kernel(*refs, depth, b, n, config, save):
     """Refs: state (W, S, A: L each), q, k, v [n*b, D], theta (L) [n*b], coefficients, completes [n];
     outputs y [n*b, D], the final state and, with `save`, every chunk's start state [n, in, out]."""
@@ -82,7 +71,7 @@ def _forward_kernel(*refs, depth, b, n, config, save):
             for saved, mats in zip(outs[3:], carry):
                 for ref, m in zip(saved, mats):
                     ref[i] = m
-        inputs, coef = _load_chunk(i, b, *qkv, thetas, coef_refs)
+        inputs, coef = tiled.load_chunk(i, b, *qkv, thetas, coef_refs)
         (carry, y), _ = chunk_forward(carry, inputs, coef, completes[i] != 0, config)
         y_ref[pl.ds(i * b, b), :] = y.astype(y_ref.dtype)
         return carry
@@ -107,7 +96,7 @@ def _backward_kernel(*refs, depth, b, n, config):
         i = n - 1 - j
         t = pl.ds(i * b, b)
         carry = tuple(tuple(r[i] for r in refs_) for refs_ in (sw, ss, sa))
-        inputs, coef = _load_chunk(i, b, *qkv, thetas, coef_refs)
+        inputs, coef = tiled.load_chunk(i, b, *qkv, thetas, coef_refs)
         _, residuals = chunk_forward(carry, inputs, coef, completes[i] != 0, config)
         carry_bar, (qb, kb, vb, thb), cb = chunk_backward(config, residuals, (carry_bar, y_bar[t, :]))
         for ref, x in zip(qkv_bar, (qb, kb, vb)):

@@ -88,7 +88,9 @@ def _barrier(interpret: bool):
     return (lambda: None) if interpret else pltriton.debug_barrier
 
 
-def _chunk_inputs(i, b, q_ref, k_ref, v_ref, theta_refs, coef_refs):
+def load_chunk(i, b, q_ref, k_ref, v_ref, theta_refs, coef_refs):
+    """Chunk i's inputs (q, k, v `[b, D]`, theta per layer `[b]`) and coefficients from a program's
+    refs (rows `[i*b, (i+1)*b)`); the whole-state kernels of `pallas.py` read them the same way."""
     t = pl.ds(i * b, b)
     c = coef_refs
     coef = Coefficients(
@@ -172,7 +174,7 @@ def forward_kernel(*refs, b, n, t, config, save, interpret):
     tiles.loop(count, copy, 0)
 
     def chunk(i, carry):
-        inputs, coef = _chunk_inputs(i, b, q_ref, k_ref, v_ref, thetas, coef_refs)
+        inputs, coef = load_chunk(i, b, q_ref, k_ref, v_ref, thetas, coef_refs)
         k, (th1, th2) = inputs[1], inputs[3]
         done = completes[i] != 0
 
@@ -220,7 +222,7 @@ def backward_kernel(*refs, b, n, t, config, interpret):
     def chunk(jj, carry):
         i = n - 1 - jj
         rows = pl.ds(i * b, b)
-        inputs, coef = _chunk_inputs(i, b, q_ref, k_ref, v_ref, thetas, coef_refs)
+        inputs, coef = load_chunk(i, b, q_ref, k_ref, v_ref, thetas, coef_refs)
         q, k, v, (th1, th2) = inputs
         done = completes[i] != 0
         start, saved = (sw, ss, sa), tiles.at(i)  # the chunk's start state, read at chunk i
