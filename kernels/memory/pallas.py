@@ -99,17 +99,7 @@ def _backward_kernel(*refs, depth, b, n, config):
         inputs, coef = tiled.load_chunk(i, b, *qkv, thetas, coef_refs)
         _, residuals = chunk_forward(carry, inputs, coef, completes[i] != 0, config)
         carry_bar, (qb, kb, vb, thb), cb = chunk_backward(config, residuals, (carry_bar, y_bar[t, :]))
-        for ref, x in zip(qkv_bar, (qb, kb, vb)):
-            ref[t, :] = x
-        for ref, x in zip(theta_bar, thb):
-            ref[t] = x
-        for ref, x in zip(coef_bar, cb):  # per chunk (scalars), per token, or per token x b
-            if x.ndim == 0:
-                ref[i] = x
-            elif x.ndim == 2:
-                ref[t, :] = x
-            else:
-                ref[t] = x
+        tiled.store_chunk_cotangents(i, b, qkv_bar, theta_bar, coef_bar, (qb, kb, vb), thb, cb)
         return carry_bar
 
     carry_bar = tuple(tuple(r[...] for r in refs_) for refs_ in carry_bar_in)

@@ -99,6 +99,23 @@ def load_chunk(i, b, q_ref, k_ref, v_ref, theta_refs, coef_refs):
     return (q_ref[t, :], k_ref[t, :], v_ref[t, :], tuple(r[t] for r in theta_refs)), coef
 
 
+def store_chunk_cotangents(i, b, qkv_refs, theta_refs, coef_refs, qkv_bar, theta_bar, coef_bar):
+    """Chunk i's input cotangents into a program's refs, in `load_chunk`'s layout: q, k, v and theta
+    per token; the coefficients per chunk (scalars), per token or per token x b."""
+    rows = pl.ds(i * b, b)
+    for ref, x in zip(qkv_refs, qkv_bar):
+        ref[rows, :] = x
+    for ref, x in zip(theta_refs, theta_bar):
+        ref[rows] = x
+    for ref, x in zip(coef_refs, coef_bar):
+        if x.ndim == 0:
+            ref[i] = x
+        elif x.ndim == 2:
+            ref[rows, :] = x
+        else:
+            ref[rows] = x
+
+
 def _keys(tiles, anchor, j, k, act, ops):
     """The keys through tile j of the anchor: z1 `[b, t]`, a2 = act(z1), and the anchor's tiles."""
     a1_tile, a2_tile = tiles.get(anchor, j)
@@ -117,6 +134,8 @@ def _tile(tiles, state, j, inputs, coef, delta2, config):
     s1 = ops.matmul_nt(delta2, a2_tile)  # [b, t]
     delta1 = s1 * act_grad(z1)
     uw1, us1 = ops.matmul(q, w[0]), ops.matmul(q, m[0])
+    # (q . k) theta1 is the same for every tile, yet recomputed here: hoisted out of the tile loop,
+    # the [b, b] value stays live across it and the float32 kernels spill (100-160 B per thread).
     zeta1 = readout(coef, uw1, us1, ops.matmul_nt(q, k) * th1[None, :], delta1, ops)
     return dict(w=w, m=m, anchor=(a1_tile, a2_tile), z1=z1, a2=a2, s1=s1, delta1=delta1,
                 uw1=uw1, us1=us1, zeta1=zeta1, u2=act(zeta1))
@@ -326,20 +345,11 @@ def backward_kernel(*refs, b, n, t, config, interpret):
             return a1_bar + ops.matmul_nt(z1_bar, a1_tile)
 
         a1_bar = tiles.loop(count, pass_b, a1_bar)
-        for ref, x in zip(qkv_bar, (q_bar, k_bar + a1_bar, v_bar)):
-            ref[rows, :] = x
-        for ref, x in zip(theta_bar_refs, (theta1_bar, theta2_bar)):
-            ref[rows] = x
         coef_bar = Coefficients(
             d0_bar, c_bar, pm1 * th1[None, :] + pm2 * th2[None, :], d0e_bar, ce_bar, h0e_bar,
             cw1 * th1 + cw2 * th2, cm1 * th1 + cm2 * th2)
-        for ref, x in zip(coef_bar_refs, coef_bar):  # per chunk (scalars), per token, or per token x b
-            if x.ndim == 0:
-                ref[i] = x
-            elif x.ndim == 2:
-                ref[rows, :] = x
-            else:
-                ref[rows] = x
+        store_chunk_cotangents(i, b, qkv_bar, theta_bar_refs, coef_bar_refs, (q_bar, k_bar + a1_bar, v_bar),
+                               (theta1_bar, theta2_bar), coef_bar)
         return carry
 
     jax.lax.fori_loop(0, n, chunk, 0)
