@@ -1,15 +1,18 @@
-"""Needle-in-a-haystack evaluation, passkey and RULER-style S-NIAH-1/2/3, up to 2M tokens.
+"""Needle-in-a-haystack evaluation, passkey, RULER-style S-NIAH-1/2/3 and BABILong-style
+babi-qa1/qa2/count (train/data/babi.py), up to 2M tokens.
 
     python scripts/niah.py --checkpoint runs/niah-mac --tasks passkey,s-niah-2 --lengths 1K,4K,16K,64K
     python scripts/niah.py --model EXPORTED_DIR --tasks passkey --lengths 2M --depths 5
     python scripts/niah.py --preset tiny --lengths 1K,2K      # random weights: a smoke test
+    python scripts/niah.py --checkpoint runs/niah-mac --tasks babi-qa1,babi-qa2,babi-count --lengths 1K,4K
 
 Lengths count the model's tokens (bytes for the byte tokenizer); each prompt is exactly that long.
-The real-text haystack (s-niah-2/3) is the held-out Austen text of the default corpus unless
-`--haystack FILE` is given. Writes OUT/results.json (every sample), OUT/results.md (accuracy by
-task x length and by depth x length) and OUT/heatmap.png (needs matplotlib), and prints the table,
-tokens/s and the peak resident memory. `--float64` runs the model in float64, to tell whether
-precision is what limits a length.
+The real-text haystack (s-niah-2/3, babi-*) is the held-out Austen text of the default corpus
+unless `--haystack FILE` is given. For the babi tasks the depth axis is how much of the filler the
+story's facts spread over (1: all of it; 0: back to back at its start). Writes OUT/results.json
+(every sample), OUT/results.md (accuracy by task x length and by depth x length) and
+OUT/heatmap.png (needs matplotlib), and prints the table, tokens/s and the peak resident memory.
+`--float64` runs the model in float64, to tell whether precision is what limits a length.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ def main(argv=None) -> dict:
     p.add_argument("--depths", default="5", help="a count of evenly spaced depths 0..100%%, or a comma list of fractions")
     p.add_argument("--samples", type=int, default=1, help="samples per length and depth")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--haystack", help="a text file (or folder of .txt/.jsonl) for s-niah-2/3 instead of Austen")
+    p.add_argument("--haystack",
+                   help="a text file (or folder of .txt/.jsonl) for s-niah-2/3 and babi-* instead of Austen")
     p.add_argument("--batch", type=int, default=4, help="prompts of one length streamed together")
     p.add_argument("--piece", type=int, default=4096, help="prefill piece in tokens")
     p.add_argument("--out", help="results folder (default niah/<model name>)")

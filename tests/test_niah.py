@@ -28,7 +28,7 @@ NEEDLE = {"passkey": r"The pass key is (\d+)\.", "s-niah-1": r"magic numbers for
           "s-niah-2": r"magic numbers for [a-z-]+ is: (\d+)\.", "s-niah-3": r"magic uuids for [a-z-]+ is: ([0-9a-f-]{36})\."}
 
 
-@pytest.mark.parametrize("task", list(needles.TASKS))
+@pytest.mark.parametrize("task", list(NEEDLE))  # the BABILong-style tasks: tests/test_babi.py
 @pytest.mark.parametrize("length", [600, 1000, 1537])
 def test_sample_has_exact_length_and_needle_at_depth(task, length):
     for depth in (0.0, 0.3, 1.0):
@@ -96,7 +96,7 @@ def reader(skip: bool = False):
 
 
 def test_runner_feeds_whole_prompts_and_scores(monkeypatch):
-    grid = niah_eval.Grid(tuple(needles.TASKS), (1500, 2048), (0.0, 0.5, 1.0), samples=2, seed=3)
+    grid = niah_eval.Grid(tuple(NEEDLE), (1500, 2048), (0.0, 0.5, 1.0), samples=2, seed=3)
     monkeypatch.setattr(niah_eval, "generate", reader())
     results = list(niah_eval.run(None, TOK, grid, haystack=HAYSTACK, batch=4, piece=512))
     assert len(results) == 4 * 2 * 3 * 2
@@ -107,7 +107,7 @@ def test_runner_feeds_whole_prompts_and_scores(monkeypatch):
     depth0 = [r for r in missed if r["depth"] == 0.0]
     assert depth0 and not any(r["correct"] for r in depth0)  # the needle was in the lost piece
     table = niah_eval.accuracy_table(results)
-    assert table == {t: {1500: 100.0, 2048: 100.0} for t in needles.TASKS}
+    assert table == {t: {1500: 100.0, 2048: 100.0} for t in NEEDLE}
     md = niah_eval.markdown(missed, "t")
     assert "| passkey |" in md and "| 0% |" in md
 

@@ -1,4 +1,5 @@
-"""Needle-in-a-haystack prompts of an exact token length: classic passkey and RULER-style S-NIAH-1/2/3.
+"""Needle-in-a-haystack prompts of an exact token length: classic passkey, RULER-style S-NIAH-1/2/3
+and the BABILong-style babi-qa1/qa2/count.
 
 A prompt is `header | filler[:a] | needle | filler[a:] | question`, exactly `length` tokens; the
 model's greedy continuation is scored against the needle's value.
@@ -9,21 +10,28 @@ model's greedy continuation is scored against the needle's value.
 - `s-niah-1/2/3` (RULER's niah_single_1/2/3): "One of the special magic numbers for {key} is:
   {value}." after a sentence end of the noise (1) or of real text (2: 7-digit number; 3: UUID);
   correct when the value appears in the answer (RULER's string match, case-insensitive).
+- `babi-qa1`, `babi-qa2`, `babi-count` (BABILong-style, `titans.train.data.babi`): the needles are
+  a bAbI-like story's facts, kept in order at random sentence ends of the real text's first `depth`
+  (so depth 1 spreads the story over the whole filler, depth 0 puts it back to back at its start);
+  correct when the answer's first word, case and punctuation aside, is the expected one.
 
-`depth` in [0, 1] is the fraction of the filler before the needle. The real-text haystack is the
-held-out text given (Austen by default, whitespace-normalised and repeated as RULER repeats its
-essays) starting at a seeded offset. Keys are "adjective-noun" pairs from the short lists below.
-The same builder makes the training rows of the retrieval recipe (`needle_row`), with training
-text as the haystack; `recall_row` makes its dense copy rows.
+Otherwise `depth` in [0, 1] is the fraction of the filler before the needle. The real-text
+haystack is the held-out text given (Austen by default, whitespace-normalised and repeated as RULER
+repeats its essays) starting at a seeded offset. Keys are "adjective-noun" pairs from the short
+lists below. The same builder makes the training rows of the retrieval recipe (`needle_row`), with
+training text as the haystack; `recall_row` makes its dense copy rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import string
 import uuid
 
 import numpy as np
+
+from titans.train.data import babi
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_HEADER = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -37,7 +45,7 @@ NOUNS = ("harbor lantern meadow falcon orchard compass violin glacier ribbon cot
 @dataclasses.dataclass(frozen=True)
 class Task:
     haystack: str  # "noise" or "text"
-    value: str  # "passkey", "number" or "uuid"
+    value: str  # "passkey", "number", "uuid" or "word" (a bAbI-like story's one-word answer)
 
 
 TASKS = {
@@ -45,8 +53,9 @@ TASKS = {
     "s-niah-1": Task("noise", "number"),
     "s-niah-2": Task("text", "number"),
     "s-niah-3": Task("text", "uuid"),
+    **{name: Task("text", "word") for name in babi.FACTS},
 }
-MAX_NEW_TOKENS = {"passkey": 10, "number": 12, "uuid": 44}  # byte tokens: the value, a space, some slack
+MAX_NEW_TOKENS = {"passkey": 10, "number": 12, "uuid": 44, "word": 12}  # byte tokens: the value, a space, some slack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +66,8 @@ class Sample:
     seed: int
     tokens: np.ndarray  # [length] int32: the prompt
     expected: str
-    needle_at: int  # token index where the needle starts
-    needle_len: int  # tokens of the needle
+    needle_at: int  # token index where the (first) needle starts
+    needle_len: int  # tokens from the first needle's start to the last one's end: the needle, or a whole story
     question_len: int  # tokens of the question, which ends the prompt
 
 
@@ -73,15 +82,21 @@ def normalise(text: str) -> str:
     return " ".join(text.split())
 
 
-def _draw(task_name: str, rng: np.random.Generator) -> tuple[str, str]:
-    """The sample's random choices: (key name, value); passkey has no name."""
+def _draw(task_name: str, rng: np.random.Generator) -> tuple[tuple[str, ...], str]:
+    """The sample's random choices: its texts (header, needles..., question) and expected answer."""
     task = check_task(task_name)
+    if task.value == "word":
+        story = babi.story(task_name, rng)
+        return (babi.HEADER, *story.facts, story.question), story.expected
     if task.value == "passkey":
-        return "", str(int(rng.integers(1, 50001)))
+        value = str(int(rng.integers(1, 50001)))
+        return _texts(task_name, "", value), value
     name = f"{ADJECTIVES[rng.integers(len(ADJECTIVES))]}-{NOUNS[rng.integers(len(NOUNS))]}"
     if task.value == "uuid":
-        return name, str(uuid.UUID(int=int.from_bytes(rng.bytes(16), "little"), version=4))
-    return name, str(int(rng.integers(1_000_000, 10_000_000)))
+        value = str(uuid.UUID(int=int.from_bytes(rng.bytes(16), "little"), version=4))
+    else:
+        value = str(int(rng.integers(1_000_000, 10_000_000)))
+    return _texts(task_name, name, value), value
 
 
 def _texts(task_name: str, name: str, value: str) -> tuple[str, str, str]:
@@ -104,6 +119,8 @@ _LONGEST_VALUE = {"passkey": "50000", "number": "9999999", "uuid": str(uuid.UUID
 
 def fixed_size(task_name: str, tokenizer) -> int:
     """The most tokens a prompt of this task needs besides its filler (the shortest legal length)."""
+    if check_task(task_name).value == "word":
+        return babi.fixed_size(task_name, tokenizer)
     name = f"{max(ADJECTIVES, key=len)}-{max(NOUNS, key=len)}"
     texts = _texts(task_name, name, _LONGEST_VALUE[check_task(task_name).value])
     return sum(len(tokenizer.encode(t)) for t in texts)
@@ -126,9 +143,9 @@ def make_sample(task_name: str, length: int, depth: float, seed: int, tokenizer,
     if not 0 <= depth <= 1:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     rng = np.random.default_rng(seed)
-    name, expected = _draw(task_name, rng)
-    head, pin, tail = (np.asarray(tokenizer.encode(p), np.int32) for p in _texts(task_name, name, expected))
-    n = length - len(head) - len(pin) - len(tail)
+    texts, expected = _draw(task_name, rng)
+    head, *pins, tail = (np.asarray(tokenizer.encode(p), np.int32) for p in texts)  # apart: no token spans two
+    n = length - len(head) - sum(len(p) for p in pins) - len(tail)
     if n < 0:
         raise ValueError(f"length {length} is below the {task_name} prompt's {length - n} fixed tokens: "
                          f"use lengths >= {fixed_size(task_name, tokenizer)}")
@@ -138,22 +155,37 @@ def make_sample(task_name: str, length: int, depth: float, seed: int, tokenizer,
         if haystack is None or len(haystack) == 0:
             raise ValueError(f"task {task_name} needs a real-text haystack")
         source, offset = haystack, int(rng.integers(len(haystack)))
-    filler = _cycle(source, offset, n)
-    at = int(round(depth * n))
-    if task.value != "passkey":  # RULER puts the needle after a sentence end
-        period = tokenizer.encode(".")[-1]
-        ends = np.flatnonzero(filler[:-1] == period) + 1
-        if len(ends):
-            at = int(ends[np.argmin(np.abs(ends - at))])
-    tokens = np.concatenate([head, filler[:at], pin, filler[at:], tail])
-    return Sample(task_name, length, depth, seed, tokens, expected, len(head) + at, len(pin), len(tail))
+    period = tokenizer.encode(".")[-1]
+    if task.value == "word":  # a whole first sentence: the story's first fact may come before it
+        filler = _cycle(source, babi.sentence_start(source, offset, period), n)
+        ats = [int(a) for a in babi.slots(filler, len(pins), depth, period, rng)]
+    else:
+        filler = _cycle(source, offset, n)
+        at = int(round(depth * n))
+        if task.value != "passkey":  # RULER puts the needle after a sentence end
+            ends = np.flatnonzero(filler[:-1] == period) + 1
+            if len(ends):
+                at = int(ends[np.argmin(np.abs(ends - at))])
+        ats = [at]
+    parts, start = [head], 0
+    for at, pin in zip(ats, pins):
+        parts += [filler[start:at], pin]
+        start = at
+    tokens = np.concatenate([*parts, filler[start:], tail])
+    span = ats[-1] - ats[0] + sum(len(p) for p in pins)
+    return Sample(task_name, length, depth, seed, tokens, expected, len(head) + ats[0], span, len(tail))
 
 
 def score(task_name: str, expected: str, answer: str) -> bool:
-    """Passkey: the answer's first integer equals the key. S-NIAH: the value occurs in the answer."""
-    if check_task(task_name).value == "passkey":
+    """Passkey: the answer's first integer equals the key. S-NIAH: the value occurs in the answer.
+    bAbI-like: the answer's first word, lower-cased and stripped of punctuation, is the expected one."""
+    value = check_task(task_name).value
+    if value == "passkey":
         found = re.search(r"\d+", answer)
         return found is not None and found.group() == expected
+    if value == "word":
+        words = answer.split()
+        return bool(words) and words[0].strip(string.punctuation).lower() == expected.lower()
     return expected.lower() in answer.lower()
 
 
