@@ -17,8 +17,8 @@ from titans.model import TitansLM, count_params
 
 # Parameter counts of the presets (their default variant, mac), from shapes only. configs/README.md
 # lists every variant; a change here is an architecture change and must update that table.
-PRESET_PARAMS = {"tiny": 59_760, "small": 5_181_760, "niah": 732_560, "170m": 184_250_688,
-                 "340m": 541_010_432, "760m": 1_150_074_624}
+PRESET_PARAMS = {"tiny": 59_760, "small": 5_181_760, "niah": 732_560, "ablate": 732_560, "mqar": 192_976,
+                 "170m": 184_250_688, "340m": 541_010_432, "760m": 1_150_074_624}
 
 
 def test_presets_are_found_and_typed():

@@ -13,7 +13,7 @@ from flax import nnx
 
 from titans.config import MemoryConfig
 from titans.configfile import ConfigError
-from titans.kernels.memory import MemoryState
+from titans.kernels.memory import MemoryState, memory_scan
 from titans.memory_layer import MemoryLayer, MemoryLayerState, Telemetry, record
 
 B, T, D_MODEL = 2, 16, 16
@@ -91,6 +91,37 @@ def test_initial_gates_are_well_conditioned(per_layer_lr):
     assert 0.013 < alpha.min() and alpha.max() < 0.03
     for gate, init in zip((theta, eta, alpha), (0.01, 0.9, 0.02)):
         assert abs(float(gate.mean()) - init) < 0.1 * init
+
+
+def test_ablations_switch_gates_off_or_make_them_constant():
+    """The paper's ablations (MemoryConfig): momentum / decay off give eta / alpha = 0 and no
+    parameters for them; constant gates are the same for every token; a mean inner loss is the sum's
+    theta / head_dim, with the output of the layer whose theta is scaled by hand."""
+    x, base = inputs(), make(per_layer_lr=False)
+    theta0, eta0, alpha0 = base.memory.gates(x)
+    off = make(per_layer_lr=False, momentum=False, decay=False)
+    theta, eta, alpha = off.memory.gates(x)
+    np.testing.assert_array_equal(theta, theta0)  # same seed, same theta parameters
+    assert eta.shape == alpha.shape == (B, T, 2) and not np.any(eta) and not np.any(alpha)
+    names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(nnx.state(off, nnx.Param))}
+    assert not any(g in n for g in ("w_eta", "b_eta", "w_alpha", "b_alpha") for n in names), names
+    y, _ = off(x)
+    assert np.all(np.isfinite(y))
+
+    constant = make(per_layer_lr=True, data_gates=False)
+    for gate in constant.memory.gates(x):
+        np.testing.assert_array_equal(gate, jnp.broadcast_to(gate[:1, :1], gate.shape))
+    np.testing.assert_allclose(constant.memory.gates(x)[0][0, 0], 0.01, rtol=1e-6)  # theta_init
+    names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(nnx.state(constant, nnx.Param))}
+    assert not any("w_theta" in n or "w_eta" in n or "w_alpha" in n for n in names), names
+
+    mean = make(per_layer_lr=False, inner_loss="mean")
+    np.testing.assert_allclose(mean.memory.gates(x)[0], theta0 / 8, rtol=1e-6)
+    q, k, v, _ = base.memory.project(x)
+    by_hand, _ = memory_scan(base.memory.init_state(B).memory, q, k, v, theta0 / 8, eta0, alpha0, chunk_size=4,
+                             residual_norm=True, impl="chunked")
+    got, _ = mean.memory.scan(x)
+    np.testing.assert_allclose(got, by_hand, rtol=1e-5, atol=1e-6)
 
 
 RBW = pytest.param(dict(read_before_write=True), id="read_before_write")
@@ -228,7 +259,7 @@ def test_record_collects_gate_means_and_gates_for_one_call_only():
     [("depth", 0), ("depth", 5), ("activation", "relu"), ("heads", -1), ("head_dim", 0),
      ("expansion", 0), ("chunk_size", 0), ("conv_kernel", 0), ("head_dim", 8.0), ("max_lr", 0.0),
      ("theta_init", 0.2), ("eta_init", 1.0), ("alpha_init", 0.0), ("impl", "cuda"), ("residual_norm", 1),
-     ("per_layer_lr", "yes"), ("matmul_dtype", "float16")],
+     ("per_layer_lr", "yes"), ("matmul_dtype", "float16"), ("inner_loss", "max"), ("momentum", 0)],
 )
 def test_config_validation(field, value):
     with pytest.raises(ConfigError, match=rf"^model\.memory\.{field} [^\n]*$"):

@@ -97,10 +97,18 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def persistent_slots(n: int, heads: int, dim: int, param_dtype, rngs: nnx.Rngs) -> tuple[nnx.Param, nnx.Param]:
-    """Learned persistent keys and values `[n, heads, dim]`, unit normal like the projected keys."""
+    """Learned persistent keys and values `[n, heads, dim]`, unit normal like the projected keys;
+    (None, None) for n = 0 (a checkpoint cannot hold an empty array)."""
+    if n == 0:
+        return None, None
     init = sharded_init(nnx.initializers.normal(1.0), None, "heads", None)
     return (nnx.Param(init(rngs.params(), (n, heads, dim), param_dtype)),
             nnx.Param(init(rngs.params(), (n, heads, dim), param_dtype)))
+
+
+def persistent_values(keys: nnx.Param | None, values: nnx.Param | None) -> tuple[jax.Array, jax.Array] | None:
+    """The attention kernels' `persistent` argument from `persistent_slots`' parameters."""
+    return None if keys is None else (keys[...], values[...])
 
 
 class SlidingWindowAttention(nnx.Module):
@@ -138,7 +146,7 @@ class SlidingWindowAttention(nnx.Module):
         q = apply_rope(split(self.q_proj(x)), cos, sin)
         k = apply_rope(split(self.k_proj(x)), cos, sin)
         v = split(self.v_proj(x))
-        persistent = (self.persistent_k[...], self.persistent_v[...])
+        persistent = persistent_values(self.persistent_k, self.persistent_v)
         fresh = cache is None
         if fresh:
             cache = self.init_state(batch)

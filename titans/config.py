@@ -44,6 +44,14 @@ class MemoryConfig:
     `theta_init`, `eta_init`, `alpha_init` are the gates at initialisation (for a zero input), the
     write rate capped by `max_lr` (one per matrix with `per_layer_lr`). `impl` and `matmul_dtype`
     choose the scan's kernel and its matmul input dtype (`titans.kernels.memory.memory_scan`).
+
+    The paper's ablations (Behrouz et al. 2024, Table 5) switch parts off: `momentum=False` fixes
+    eta = 0 (the update is the momentary surprise alone), `decay=False` fixes alpha = 0 (no
+    forgetting), `data_gates=False` makes theta, eta and alpha learned constants per head instead
+    of functions of the token, `conv_kernel=1` leaves no convolution (a 1-tap causal conv is a
+    per-channel scale, which the projection absorbs). `inner_loss="mean"` averages the inner loss
+    ||M(k) - v||^2 over the head dim instead of summing it (titans-pytorch's choice): its gradient
+    is the sum's divided by head_dim, so it is exactly theta / head_dim, and the scan is unchanged.
     """
 
     heads: int = 4
@@ -60,6 +68,10 @@ class MemoryConfig:
     alpha_init: float = 0.02
     conv_kernel: int = 4
     read_before_write: bool = False
+    momentum: bool = True
+    decay: bool = True
+    data_gates: bool = True
+    inner_loss: str = "sum"
     impl: str = "auto"
     matmul_dtype: str = "float32"
 
@@ -79,6 +91,8 @@ class MemoryConfig:
         for name in ("eta_init", "alpha_init"):
             if not 0 < getattr(self, name) < 1:
                 raise ConfigError(f"{section}.{name} must lie strictly between 0 and 1, got {getattr(self, name)}")
+        if self.inner_loss not in ("sum", "mean"):
+            raise ConfigError(f"{section}.inner_loss must be sum or mean, got {self.inner_loss!r}")
         if self.impl not in MEMORY_IMPLS:
             raise ConfigError(f"{section}.impl must be one of {', '.join(MEMORY_IMPLS)}, got {self.impl!r}")
         if self.matmul_dtype not in MATMUL_DTYPES:

@@ -96,18 +96,22 @@ class NeuralMemory(nnx.Module):
         theta_names = ("heads", None) if cfg.per_layer_lr else ("heads",)
 
         def gate(axes, names, init_value):
-            w = sharded_init(gate_init, "embed", *names)(rngs.params(), (d_model,) + axes, self.param_dtype)
+            w = None
+            if cfg.data_gates:
+                w = nnx.Param(sharded_init(gate_init, "embed", *names)(rngs.params(), (d_model,) + axes,
+                                                                        self.param_dtype))
             b = sharded_init(nnx.initializers.constant(_logit(init_value)), *names)(
                 rngs.params(), axes, self.param_dtype
             )
-            return nnx.Param(w), nnx.Param(b)
+            return w, nnx.Param(b)
 
         # theta0 = theta_init (0.01 by default): with eta0 = 0.9 the momentum's steady-state step is
         # theta/(1-eta) = 0.1, inside the stable regime; alpha0 = 0.02 forgets slowly (e-fold ~50
         # tokens) yet keeps the weights bounded while the outer loop learns where to forget.
         self.w_theta, self.b_theta = gate(theta_axes, theta_names, cfg.theta_init / cfg.max_lr)
-        self.w_eta, self.b_eta = gate((cfg.heads,), ("heads",), cfg.eta_init)
-        self.w_alpha, self.b_alpha = gate((cfg.heads,), ("heads",), cfg.alpha_init)
+        # Ablations (MemoryConfig) leave a switched-off gate without parameters: nothing to learn or decay.
+        self.w_eta, self.b_eta = gate((cfg.heads,), ("heads",), cfg.eta_init) if cfg.momentum else (None, None)
+        self.w_alpha, self.b_alpha = gate((cfg.heads,), ("heads",), cfg.alpha_init) if cfg.decay else (None, None)
 
         # W^0 per head [heads, in, out]; fan-in scale treating heads as a batch axis.
         mem_init = sharded_init(
@@ -153,11 +157,16 @@ class NeuralMemory(nnx.Module):
         cfg = self.config
         x = x.astype(self.param_dtype)
         highest = jax.lax.Precision.HIGHEST
-        logit = lambda w, b: jnp.einsum("btm,m...->bt...", x, w[...], precision=highest) + b[...]
-        theta = cfg.max_lr * jax.nn.sigmoid(logit(self.w_theta, self.b_theta))
-        eta = jax.nn.sigmoid(logit(self.w_eta, self.b_eta))
-        alpha = jax.nn.sigmoid(logit(self.w_alpha, self.b_alpha))
-        return theta, eta, alpha
+
+        def gate(w, b):  # [batch, seq, *b.shape]; a switched-off gate (w = b = None) is 0
+            if b is None:
+                return jnp.zeros(x.shape[:2] + (cfg.heads,), x.dtype)
+            if w is None:
+                return jnp.broadcast_to(jax.nn.sigmoid(b[...]), x.shape[:2] + b.shape)
+            return jax.nn.sigmoid(jnp.einsum("btm,m...->bt...", x, w[...], precision=highest) + b[...])
+
+        scale = cfg.max_lr / (cfg.head_dim if cfg.inner_loss == "mean" else 1)
+        return scale * gate(self.w_theta, self.b_theta), gate(self.w_eta, self.b_eta), gate(self.w_alpha, self.b_alpha)
 
     def scan(self, x: jax.Array, state: MemoryLayerState | None = None) -> tuple[jax.Array, MemoryLayerState]:
         """The retrieval `y [batch, seq, heads, dim]` (compute dtype) and the new state.

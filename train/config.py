@@ -20,6 +20,10 @@ class TrainError(RuntimeError):
     """A run that cannot start or continue; the message is one line saying why and what to do."""
 
 
+class Diverged(TrainError):
+    """A run stopped by a loss that was not finite or spiked (`train.on_divergence`)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and bookkeeping. AdamW with linear warmup then cosine decay to

@@ -26,7 +26,7 @@ from flax import nnx
 from titans.model import TitansLM
 from titans.sampling import generate
 from titans.train import hosts, run_dir
-from titans.train.config import RunConfig, TrainError
+from titans.train.config import Diverged, RunConfig, TrainError
 from titans.train.data import bpe, needles, pipeline, store
 from titans.train.mesh import batch_sharding, global_batch, initial_memories, make_mesh, shard
 from titans.train.steps import MemoryCarry, eval_step, evaluate, make_optimizer, train_step
@@ -244,7 +244,7 @@ def _train(run: RunConfig, out: Path, steps: int, tokenizer, batches, valid_batc
                             why = ("train.on_divergence=stop" if cfg.on_divergence == "stop" else
                                    "no good checkpoint to roll back to" if good is None else
                                    f"train.max_rollbacks={cfg.max_rollbacks} reached")
-                            raise TrainError(f"{div}; stopped ({why}). Last good checkpoint: "
+                            raise Diverged(f"{div}; stopped ({why}). Last good checkpoint: "
                                              f"{'step ' + str(good) if good else 'none'} in {out}: resume with a "
                                              "lower train.lr, or set train.on_divergence=rollback") from None
                         rollbacks += 1

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from titans.attention import (AttentionCache, apply_rope, persistent_slots, ring_seen, roll_up, rope_angles,
-                              unroll, write_slot)
+from titans.attention import (AttentionCache, apply_rope, persistent_slots, persistent_values, ring_seen, roll_up,
+                              rope_angles, unroll, write_slot)
 from titans.kernels.attention import decode_attention, sliding_window_attention
 from titans.kernels.memory import memory_apply
 from titans.conv import ConvProjection
@@ -120,7 +120,7 @@ class MAC(nnx.Module):
         q = rope(self.q_proj(x))
         own = {"tokens": (rope(self.kx_proj(x)), split(self.vx_proj(x))),
                "retrievals": (rope(self.kh_proj(h)), split(self.vh_proj(h)))}
-        persistent = (self.persistent_k[...], self.persistent_v[...])
+        persistent = persistent_values(self.persistent_k, self.persistent_v)
         if n == 1 and not aligned:  # decode: attend to the rings and this token, then write its slots
             seen = ring_seen(start, seg, start - start % seg)  # this segment's tokens only
             y = decode_attention(q[:, 0], [tuple(getattr(state, name)) for name in own], seen, persistent,
