@@ -161,12 +161,14 @@ def plot(results: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name in dict.fromkeys(r["row"] for r in results):
         got = sorted((r for r in results if r["row"] == name), key=lambda r: r["state_floats"])
         ax.plot([r["state_floats"] for r in got], [100 * r["accuracy"] for r in got], marker="o", label=name)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # "2x10^3 3x10^3 ..." labels overlap
     ax.set_xlabel("recurrent state per layer (floats)")
     ax.set_ylabel("MQAR accuracy %")
     ax.set_ylim(0, 100)
