@@ -21,6 +21,7 @@ import pytest
 
 from tests.scripts import logged_losses as losses
 from tests.scripts import run_script
+from titans.config import _FLAT_MEMORY_KEYS
 from titans.loading import restore_trained
 from titans.tokenizer import ByteTokenizer
 from titans.train.config import TrainError, load_run_config
@@ -232,8 +233,9 @@ def test_export_load_generate(text_corpus, tmp_path):
 
     # An export (and a run folder) written before the memory settings were nested still loads.
     flat = json.loads((tmp_path / "f32" / "config.json").read_text())
-    renamed = ("heads", "head_dim", "depth", "expansion", "activation", "residual_norm", "impl", "matmul_dtype")
-    flat["model"].update({("mem_" + k if k in renamed else k): v for k, v in flat["model"].pop("memory").items()})
+    # Only the keys of that time: the ablation switches (momentum, decay, ...) came later, at their defaults.
+    legacy = {name: key for key, name in _FLAT_MEMORY_KEYS.items()}
+    flat["model"].update({legacy[k]: v for k, v in flat["model"].pop("memory").items() if k in legacy})
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "model.safetensors").write_bytes((tmp_path / "f32" / "model.safetensors").read_bytes())
     (tmp_path / "old" / "config.json").write_text(json.dumps(flat))
